@@ -1,0 +1,437 @@
+"""VM definitions: the dataclasses, their validation, and TOML in and out (pure, no I/O).
+
+Every error names the source, the field and the reason, so a person can fix the file
+without reading code. Files are read with tomllib and written by hand in one canonical
+layout, so that ``parse_definition(definition_to_toml(d)) == d`` always holds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TypeVar
+
+from supervisord_vm.errors import InvalidDefinition
+
+RESTART_POLICIES = ("no", "on-crash", "always")
+DISK_FORMATS = ("raw", "qcow2")
+ACCELERATORS = ("kvm", "tcg", "xen", "hvf", "whpx", "nvmm")
+
+NAME_MAX = 64
+MEMORY_MIN, MEMORY_MAX = 16, 1048576  # MiB
+CPUS_MIN, CPUS_MAX = 1, 255
+STOP_TIMEOUT_MIN, STOP_TIMEOUT_MAX = 1, 3600  # seconds
+
+# A name ending like this reads as a unit name (svm-x.service.scope would confuse people).
+UNIT_SUFFIXES = (
+    ".service",
+    ".scope",
+    ".slice",
+    ".socket",
+    ".target",
+    ".mount",
+    ".automount",
+    ".swap",
+    ".timer",
+    ".path",
+    ".device",
+)
+
+_T = TypeVar("_T")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MACHINE_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str  # absolute
+    format: str = "raw"  # raw | qcow2
+    readonly: bool = False
+    snapshot: bool = False  # discard guest writes
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    memory: int = 512  # MiB
+    cpus: int = 1
+    machine: str = "pc"
+    accel: tuple[str, ...] = ("kvm", "tcg")  # TOML: "kvm:tcg"
+    stop_timeout: int = 10  # 1..3600, the scope's TimeoutStopSec
+    restart: str = "no"
+    autostart: bool = False
+    qemu: str = "/usr/bin/qemu-system-x86_64"
+    extra_args: tuple[str, ...] = ()
+    disks: tuple[Disk, ...] = ()
+
+
+_DEFAULT = Definition(name="default")
+_DEFAULT_DISK = Disk(path="/")
+_NO_STRINGS: tuple[str, ...] = ()
+
+_TOP_KEYS = (
+    "name",
+    "memory",
+    "cpus",
+    "machine",
+    "accel",
+    "stop_timeout",
+    "restart",
+    "autostart",
+    "qemu",
+    "extra_args",
+    "disks",
+)
+_DISK_KEYS = ("path", "format", "readonly", "snapshot")
+
+
+class _FieldError(Exception):
+    """One bad field; collected by parse_definition into one InvalidDefinition."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field '{field}': {reason}")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid VM name, or None if it is."""
+    if name == "":
+        return "must not be empty"
+    if len(name) > NAME_MAX:
+        return f"must be at most {NAME_MAX} characters long, got {len(name)}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "must not contain control characters (such as newlines)"
+    if any(c.isspace() for c in name):
+        return "must not contain spaces"
+    if "/" in name:
+        return "must not contain '/'"
+    if not (name[0].isascii() and name[0].isalnum()):
+        return "must start with a letter or digit"
+    if not _NAME_RE.fullmatch(name):
+        return "may contain only letters, digits, '.', '_' and '-'"
+    for suffix in UNIT_SUFFIXES:
+        if name.endswith(suffix):
+            return f"must not end with '{suffix}' (it would read as a systemd unit name)"
+    return None
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it can name a VM (and a file, and a unit); else InvalidDefinition."""
+    if not isinstance(name, str):
+        raise InvalidDefinition(f"invalid VM name: must be a string, got {_show(name)}")
+    problem = _name_problem(name)
+    if problem is not None:
+        raise InvalidDefinition(f"invalid VM name {name!r}: {problem}")
+    return name
+
+
+def _show(value: object) -> str:
+    """Describe a TOML value for an error message, in TOML terms where it matters."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+def _suggest(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _int(
+    table: dict[str, object], key: str, *, low: int, high: int, unit: str, default: int
+) -> int:
+    value = table.get(key, default)
+    # bool is an int subclass in Python, but `memory = true` is not a size.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _FieldError(
+            key, f"must be an integer from {low} to {high} ({unit}), got {_show(value)}"
+        )
+    return value
+
+
+def _bool(table: dict[str, object], key: str, default: bool, field: str | None = None) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise _FieldError(field or key, f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _str(table: dict[str, object], key: str, default: str, field: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise _FieldError(field or key, f"must be a string, got {_show(value)}")
+    return value
+
+
+def _absolute_path(table: dict[str, object], key: str, default: str | None, field: str) -> str:
+    if key not in table and default is None:
+        raise _FieldError(field, "is required")
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise _FieldError(field, f"must be an absolute path (a string), got {_show(value)}")
+    if "\0" in value:
+        raise _FieldError(field, "must not contain NUL characters")
+    if not PurePosixPath(value).is_absolute():
+        raise _FieldError(field, f"must be an absolute path, got {_show(value)}")
+    return value
+
+
+def _parse_name(table: dict[str, object]) -> str:
+    if "name" not in table:
+        raise _FieldError("name", "is required")
+    value = table["name"]
+    if not isinstance(value, str):
+        raise _FieldError("name", f"must be a string, got {_show(value)}")
+    problem = _name_problem(value)
+    if problem is not None:
+        raise _FieldError("name", f"{problem}, got {_show(value)}")
+    return value
+
+
+def _parse_machine(table: dict[str, object]) -> str:
+    value = _str(table, "machine", _DEFAULT.machine)
+    if not _MACHINE_RE.fullmatch(value):
+        raise _FieldError(
+            "machine",
+            f"must be a non-empty QEMU machine type of letters, digits, '.', '_' and '-', "
+            f"got {_show(value)}",
+        )
+    return value
+
+
+def _parse_accel(table: dict[str, object]) -> tuple[str, ...]:
+    value = table.get("accel", ":".join(_DEFAULT.accel))
+    expect = f"must be accelerators separated by ':', each one of {', '.join(ACCELERATORS)}"
+    if not isinstance(value, str):
+        raise _FieldError("accel", f"{expect}; got {_show(value)}")
+    parts = value.split(":")
+    for part in parts:
+        if part not in ACCELERATORS:
+            what = "an empty entry" if part == "" else f"unknown accelerator {part!r}"
+            raise _FieldError("accel", f"{expect}; got {what} in {_show(value)}")
+    seen: set[str] = set()
+    for part in parts:
+        if part in seen:
+            raise _FieldError("accel", f"lists {part!r} twice in {_show(value)}")
+        seen.add(part)
+    return tuple(parts)
+
+
+def _parse_restart(table: dict[str, object]) -> str:
+    value = table.get("restart", _DEFAULT.restart)
+    if not isinstance(value, str) or value not in RESTART_POLICIES:
+        raise _FieldError(
+            "restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {_show(value)}"
+        )
+    return value
+
+
+def _parse_extra_args(table: dict[str, object]) -> tuple[str, ...]:
+    value = table.get("extra_args", [])
+    if not isinstance(value, list):
+        raise _FieldError("extra_args", f"must be an array of strings, got {_show(value)}")
+    args: list[str] = []
+    for index, arg in enumerate(value):
+        field = f"extra_args[{index}]"
+        if not isinstance(arg, str):
+            raise _FieldError(field, f"must be a string, got {_show(arg)}")
+        if "\0" in arg:
+            raise _FieldError(field, "must not contain NUL characters")
+        args.append(arg)
+    return tuple(args)
+
+
+def _parse_disk(index: int, entry: object, errors: list[str]) -> Disk | None:
+    prefix = f"disks[{index}]"
+    if not isinstance(entry, dict):
+        errors.append(f"field '{prefix}': must be a table ([[disks]]), got {_show(entry)}")
+        return None
+    before = len(errors)
+    for key in entry:
+        if key not in _DISK_KEYS:
+            close = difflib.get_close_matches(key, _DISK_KEYS, n=1)
+            hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
+            errors.append(f"unknown key '{prefix}.{key}'{hint}")
+    path = fmt = None
+    readonly = snapshot = False
+    try:
+        path = _absolute_path(entry, "path", None, f"{prefix}.path")
+    except _FieldError as exc:
+        errors.append(str(exc))
+    try:
+        fmt = entry.get("format", _DEFAULT_DISK.format)
+        if not isinstance(fmt, str) or fmt not in DISK_FORMATS:
+            raise _FieldError(
+                f"{prefix}.format", f"must be one of {', '.join(DISK_FORMATS)}, got {_show(fmt)}"
+            )
+    except _FieldError as exc:
+        errors.append(str(exc))
+    try:
+        readonly = _bool(entry, "readonly", _DEFAULT_DISK.readonly, f"{prefix}.readonly")
+    except _FieldError as exc:
+        errors.append(str(exc))
+    try:
+        snapshot = _bool(entry, "snapshot", _DEFAULT_DISK.snapshot, f"{prefix}.snapshot")
+    except _FieldError as exc:
+        errors.append(str(exc))
+    if len(errors) > before or path is None or not isinstance(fmt, str):
+        return None
+    return Disk(path=path, format=fmt, readonly=readonly, snapshot=snapshot)
+
+
+def _parse_disks(table: dict[str, object], errors: list[str]) -> tuple[Disk, ...]:
+    value = table.get("disks", [])
+    if not isinstance(value, list):
+        errors.append(f"field 'disks': must be an array of tables ([[disks]]), got {_show(value)}")
+        return ()
+    disks = [_parse_disk(index, entry, errors) for index, entry in enumerate(value)]
+    return tuple(disk for disk in disks if disk is not None)
+
+
+def parse_definition(text: str, source: str = "definition") -> Definition:
+    """Parse and validate one definition; InvalidDefinition lists every problem found.
+
+    Files named in the definition are not checked here: they may appear before the VM starts,
+    and the core checks them at start.
+    """
+    try:
+        table: dict[str, object] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message carries "(at line L, column C)".
+        raise InvalidDefinition(f"{source}: not valid TOML: {exc}") from None
+
+    errors: list[str] = []
+    for key in table:
+        if key not in _TOP_KEYS:
+            errors.append(f"unknown key '{key}'{_suggest(key, _TOP_KEYS)}")
+
+    def field(parse: Callable[[], _T], fallback: _T) -> _T:
+        try:
+            return parse()
+        except _FieldError as exc:
+            errors.append(str(exc))
+            return fallback
+
+    name = field(lambda: _parse_name(table), "")
+    memory = field(
+        lambda: _int(
+            table, "memory", low=MEMORY_MIN, high=MEMORY_MAX, unit="MiB", default=_DEFAULT.memory
+        ),
+        0,
+    )
+    cpus = field(
+        lambda: _int(
+            table, "cpus", low=CPUS_MIN, high=CPUS_MAX, unit="CPUs", default=_DEFAULT.cpus
+        ),
+        0,
+    )
+    machine = field(lambda: _parse_machine(table), "")
+    accel = field(lambda: _parse_accel(table), _NO_STRINGS)
+    stop_timeout = field(
+        lambda: _int(
+            table,
+            "stop_timeout",
+            low=STOP_TIMEOUT_MIN,
+            high=STOP_TIMEOUT_MAX,
+            unit="seconds",
+            default=_DEFAULT.stop_timeout,
+        ),
+        0,
+    )
+    restart = field(lambda: _parse_restart(table), "")
+    autostart = field(lambda: _bool(table, "autostart", _DEFAULT.autostart), False)
+    qemu = field(lambda: _absolute_path(table, "qemu", _DEFAULT.qemu, "qemu"), "")
+    extra_args = field(lambda: _parse_extra_args(table), _NO_STRINGS)
+    disks = _parse_disks(table, errors)
+
+    if errors:
+        raise InvalidDefinition(f"{source}: " + "; ".join(errors))
+    return Definition(
+        name=name,
+        memory=memory,
+        cpus=cpus,
+        machine=machine,
+        accel=accel,
+        stop_timeout=stop_timeout,
+        restart=restart,
+        autostart=autostart,
+        qemu=qemu,
+        extra_args=extra_args,
+        disks=disks,
+    )
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+_SHORT_ESCAPES = {
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+    '"': '\\"',
+    "\\": "\\\\",
+}
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string for ``value``; unprintable characters become \\u escapes."""
+    out = ['"']
+    for char in value:
+        code = ord(char)
+        if char in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[char])
+        elif 0xD800 <= code <= 0xDFFF:
+            # Not a Unicode scalar value: neither UTF-8 nor TOML can carry it.
+            raise InvalidDefinition(f"cannot write {value!r} as TOML: it contains a lone surrogate")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def definition_to_toml(defn: Definition) -> str:
+    """The canonical file for ``defn``: every key, in a fixed order, defaults included."""
+    lines = [
+        f"name = {toml_string(defn.name)}",
+        f"memory = {defn.memory}",
+        f"cpus = {defn.cpus}",
+        f"machine = {toml_string(defn.machine)}",
+        f"accel = {toml_string(':'.join(defn.accel))}",
+        f"stop_timeout = {defn.stop_timeout}",
+        f"restart = {toml_string(defn.restart)}",
+        f"autostart = {_toml_bool(defn.autostart)}",
+        f"qemu = {toml_string(defn.qemu)}",
+        f"extra_args = [{', '.join(toml_string(arg) for arg in defn.extra_args)}]",
+    ]
+    for disk in defn.disks:
+        lines += [
+            "",
+            "[[disks]]",
+            f"path = {toml_string(disk.path)}",
+            f"format = {toml_string(disk.format)}",
+            f"readonly = {_toml_bool(disk.readonly)}",
+            f"snapshot = {_toml_bool(disk.snapshot)}",
+        ]
+    return "\n".join(lines) + "\n"
