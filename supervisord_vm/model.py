@@ -1,0 +1,95 @@
+"""Values that cross layer boundaries: states, reasons, events and VM snapshots.
+
+The core produces them, the D-Bus adapter and svmctl present them; they carry no behaviour.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class State(enum.StrEnum):
+    SHUTOFF = "shutoff"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+
+
+class Reason(enum.StrEnum):
+    """Why a VM is shut off; NONE for a VM that never ran since it was defined."""
+
+    NONE = ""
+    SHUTDOWN = "shutdown"
+    DESTROYED = "destroyed"
+    STOPPED_EXTERNALLY = "stopped-externally"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+class DestroyMode(enum.StrEnum):
+    DEFAULT = "default"  # StopUnit: SIGTERM, SIGKILL after the stop timeout
+    GRACEFUL = "graceful"  # KillUnit SIGTERM only; Busy if QEMU survives
+    FORCE = "force"  # KillUnit SIGKILL
+
+
+class EventType(enum.StrEnum):
+    DEFINED = "defined"
+    UNDEFINED = "undefined"
+    STARTING = "starting"
+    STARTED = "started"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    RESET = "reset"
+    REBOOTED = "rebooted"
+    RESTARTING = "restarting"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked for an operation, for the audit record (from the bus credentials)."""
+
+    uid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How the last run ended: the unit's Result and, where known, exit status or signal."""
+
+    result: str = ""  # systemd unit Result: success, timeout, signal, oom-kill, resources, ...
+    exit_status: int | None = None
+    exit_signal: int | None = None
+    time: float = 0.0  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class MachineEvent:
+    """One lifecycle event; the only event type that flows from the core to its clients."""
+
+    time: float
+    name: str
+    event: EventType
+    state: State
+    reason: Reason
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """A snapshot of one VM as clients see it."""
+
+    name: str
+    state: State
+    reason: Reason
+    unit: str
+    pid: int  # 0 when not running
+    transient: bool
+    autostart: bool
+    restart: str
+    stop_timeout: int
+    exit: ExitInfo
