@@ -1,0 +1,344 @@
+"""QEMU's command line (a pure function of a Definition) and a QMP session on qemu.qmp 0.0.6.
+
+The session hides qemu.qmp's rough edges (SANDBOX.md): it never reconnects by itself, `async for`
+over a listener does not end on EOF, every listener keeps its whole history, and `disconnect()`
+re-raises the reader's error. Callers get events through one callback, errors as QmpError /
+QmpDisconnected, and `wait_closed()` that returns on EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+    StateError,
+)
+
+from supervisord_vm.definition import Definition, Disk
+from supervisord_vm.errors import QmpDisconnected, QmpError
+
+log = logging.getLogger(__name__)
+
+# Machine types whose board has an IDE controller that SeaBIOS boots from.
+_IDE_MACHINE_PREFIXES = ("pc", "q35")
+
+
+def qemu_option_value(value: str) -> str:
+    """Quote a value for QEMU's `key=value,...` option syntax, where a comma is written `,,`."""
+    return value.replace(",", ",,")
+
+
+def drive_interface(machine: str, disk: Disk) -> str:
+    """Pick the bus for a disk: IDE where the board has it, else virtio.
+
+    IDE is what SeaBIOS boots on pc/q35 without extra firmware; QEMU refuses a read-only IDE hard
+    disk, so read-only disks go on virtio-blk (which SeaBIOS also boots).
+    """
+    if machine.startswith(_IDE_MACHINE_PREFIXES) and not disk.readonly:
+        return "ide"
+    return "virtio"
+
+
+def drive_option(machine: str, disk: Disk) -> str:
+    parts = [
+        f"file={qemu_option_value(disk.path)}",
+        f"format={disk.format}",
+        f"if={drive_interface(machine, disk)}",
+    ]
+    if disk.readonly:
+        parts.append("readonly=on")
+    if disk.snapshot:
+        parts.append("snapshot=on")
+    return ",".join(parts)
+
+
+def build_argv(defn: Definition, qmp_socket: Path) -> list[str]:
+    """QEMU's argv for `defn`, to be exec'd directly (never through a shell).
+
+    `-S` keeps the CPUs stopped until the daemon has connected QMP and sent `cont`, so no guest
+    code runs (and no event is missed) before the monitor is attached. `-accel` is repeated in
+    preference order: QEMU falls back to the next one when one is unavailable.
+    """
+    argv = [
+        defn.qemu,
+        "-name",
+        f"guest={qemu_option_value(defn.name)},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-qmp",
+        f"unix:{qemu_option_value(str(qmp_socket))},server=on,wait=off",
+        "-S",
+    ]
+    for accel in defn.accel:
+        argv += ["-accel", accel]
+    argv += ["-machine", defn.machine, "-m", str(defn.memory), "-smp", str(defn.cpus)]
+    for disk in defn.disks:
+        argv += ["-drive", drive_option(defn.machine, disk)]
+    argv += defn.extra_args
+    return argv
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    """One QMP event; `timestamp` is QEMU's wall-clock time of the event in seconds."""
+
+    name: str
+    data: dict[str, object]
+    timestamp: float
+
+
+def _event_from_message(msg: Message) -> QmpEvent:
+    name = msg.get("event")
+    data = msg.get("data")
+    stamp = msg.get("timestamp")
+    timestamp = time.time()
+    if isinstance(stamp, dict):
+        seconds, micros = stamp.get("seconds"), stamp.get("microseconds")
+        if isinstance(seconds, int) and isinstance(micros, int):
+            timestamp = seconds + micros / 1_000_000
+    return QmpEvent(
+        name=name if isinstance(name, str) else "",
+        data=dict(data) if isinstance(data, dict) else {},
+        timestamp=timestamp,
+    )
+
+
+class _CallbackListener(EventListener):
+    """An event listener that hands each event to a callback and keeps nothing.
+
+    qemu.qmp's EventListener appends every accepted event to a history list and a queue forever;
+    a VM that runs for months would grow both without bound. This one stores neither.
+    """
+
+    def __init__(self, callback: Callable[[QmpEvent], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    async def put(self, event: Message) -> None:
+        if not self.accept(event):
+            return
+        try:
+            self._callback(_event_from_message(event))
+        except Exception:
+            # An error in the consumer must not kill the reader task (and so the connection).
+            log.exception("QMP event callback failed for %s", event.get("event"))
+
+
+def _bounded_client(name: str, on_event: Callable[[QmpEvent], None]) -> QMPClient:
+    """A QMPClient whose only listener is a _CallbackListener.
+
+    The default listener (`client.events`) cannot be removed while it is the default, so ours is
+    made the default first; then the library's own, history-keeping one is removed.
+    """
+    client = QMPClient(name)
+    original = client.events
+    listener = _CallbackListener(on_event)
+    client.events = listener
+    client.register_listener(listener)
+    client.remove_listener(original)
+    return client
+
+
+# --- waiting for the socket to appear (inotify) ------------------------------------------------
+
+_IN_CLOEXEC = os.O_CLOEXEC
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CREATE = 0x100
+_IN_MOVED_TO = 0x80
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_INOTIFY_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True) if name else None
+
+
+async def _wait_for_path(path: Path) -> None:
+    """Return once `path` exists, woken by inotify (no polling); the caller bounds the time.
+
+    Raises OSError when inotify is unavailable or the directory cannot be watched, so the caller
+    can fall back.
+    """
+    libc = _libc()
+    if libc is None:
+        raise OSError(errno.ENOSYS, "libc not found")
+    fd = libc.inotify_init1(_IN_CLOEXEC | _IN_NONBLOCK)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    loop = asyncio.get_running_loop()
+    try:
+        mask = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
+        if libc.inotify_add_watch(fd, os.fsencode(path.parent), mask) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path.parent))
+        readable = asyncio.Event()
+        loop.add_reader(fd, readable.set)
+        try:
+            # Checked after the watch exists, so a creation in between is never missed.
+            while not path.exists():  # noqa: ASYNC240 - one stat in /run, never blocks long
+                await readable.wait()
+                readable.clear()
+                with contextlib.suppress(BlockingIOError):
+                    buffer = os.read(fd, 64 * 1024)
+                    _raise_if_directory_gone(buffer)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_if_directory_gone(buffer: bytes) -> None:
+    offset = 0
+    while offset + _INOTIFY_HEADER.size <= len(buffer):
+        _wd, mask, _cookie, length = _INOTIFY_HEADER.unpack_from(buffer, offset)
+        if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF):
+            raise OSError(errno.ENOENT, "socket directory went away")
+        offset += _INOTIFY_HEADER.size + length
+
+
+def _connect_errno(err: ConnectError) -> int | None:
+    cause = err.exc
+    return cause.errno if isinstance(cause, OSError) else None
+
+
+class QmpSession:
+    """One QMP connection to one QEMU, alive until QEMU closes it or close() is called."""
+
+    # Between QEMU's bind() and listen() a connect is refused; the socket file gives no further
+    # inotify event then, so a refused connect is retried after a short, growing pause.
+    _REFUSED_RETRY_FIRST = 0.005
+    _REFUSED_RETRY_MAX = 0.1
+
+    def __init__(self, client: QMPClient, socket_path: Path) -> None:
+        self._client = client
+        self._socket_path = socket_path
+        self._closed = asyncio.Event()
+        self._disconnect_task: asyncio.Task[None] | None = None
+        self._watcher = asyncio.create_task(self._watch(), name=f"qmp-watch:{socket_path}")
+
+    @classmethod
+    async def connect(
+        cls,
+        socket_path: Path,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the agreed interface; bounds the whole connect
+        on_event: Callable[[QmpEvent], None],
+    ) -> QmpSession:
+        """Connect and negotiate, waiting up to `timeout` for QEMU to create its socket.
+
+        QEMU creates the socket shortly after exec. A missing socket is waited for with inotify on
+        its directory (falling back to a short backoff if inotify cannot be used); a refused
+        connect (socket not listening yet, or a stale file) is retried with a short backoff.
+        """
+        client = _bounded_client(socket_path.name, on_event)
+        last_error: BaseException | None = None
+        retry_pause = cls._REFUSED_RETRY_FIRST
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        await client.connect(str(socket_path))
+                        break
+                    except ConnectError as err:
+                        last_error = err
+                        code = _connect_errno(err)
+                        if code == errno.ENOENT:
+                            try:
+                                await _wait_for_path(socket_path)
+                                continue
+                            except OSError as watch_error:
+                                log.debug("cannot watch for %s: %s", socket_path, watch_error)
+                        elif code != errno.ECONNREFUSED:
+                            raise QmpError(
+                                f"cannot connect to QMP socket {socket_path}: {err}"
+                            ) from err
+                        await asyncio.sleep(retry_pause)
+                        retry_pause = min(retry_pause * 2, cls._REFUSED_RETRY_MAX)
+        except TimeoutError as err:
+            detail = f": {last_error}" if last_error is not None else ""
+            raise QmpError(
+                f"QMP socket {socket_path} not ready within {timeout:g} s{detail}"
+            ) from err
+        return cls(client, socket_path)
+
+    async def _watch(self) -> None:
+        """Notice EOF through the client's runstate (qemu.qmp's listeners never end on EOF)."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        self._start_disconnect()
+
+    def _start_disconnect(self) -> asyncio.Task[None]:
+        """Start the one and only disconnect (two concurrent ones trip qemu.qmp's assertions)."""
+        if self._disconnect_task is None:
+            self._disconnect_task = asyncio.create_task(
+                self._disconnect(), name=f"qmp-disconnect:{self._socket_path}"
+            )
+        return self._disconnect_task
+
+    async def _disconnect(self) -> None:
+        """Finish the disconnect: qemu.qmp leaves a hung-up client DISCONNECTING until asked.
+
+        This fails pending commands with ExecInterruptedError and releases the stream.
+        """
+        try:
+            await self._client.disconnect()
+        except Exception as err:  # the reader's EOFError/OSError, re-raised: expected on EOF
+            log.debug("QMP %s disconnected: %r", self._socket_path, err)
+        finally:
+            self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is gone (QEMU hung up or close() was called)."""
+        return self._closed.is_set() or self._client.runstate != Runstate.RUNNING
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run one QMP command and return its `return` value."""
+        args: Mapping[str, object] | None = arguments
+        try:
+            return await self._client.execute(command, args)
+        except ExecuteError as err:
+            raise QmpError(
+                f"QMP command {command!r} failed: {err.error_class}: {err.error.error.desc}"
+            ) from err
+        except (ExecInterruptedError, StateError) as err:
+            raise QmpDisconnected(
+                f"QMP connection to {self._socket_path} lost during {command!r}"
+            ) from err
+        except QMPError as err:
+            raise QmpError(f"QMP command {command!r} failed: {err}") from err
+
+    async def wait_closed(self) -> None:
+        """Return when the connection has ended (QEMU exited or closed the socket)."""
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        """Disconnect; idempotent and never raises (a dead QEMU is not an error here)."""
+        task = self._start_disconnect()
+        self._watcher.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(task)
