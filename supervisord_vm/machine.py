@@ -1,0 +1,838 @@
+"""One VM: its state machine, its operations, and the classification and cleanup of every exit.
+
+A Machine owns at most one *run* (one QEMU process) at a time. Every exit of a run is noticed
+from the process itself (a pidfd, and the asyncio child for QEMUs this daemon spawned), enriched
+with what QMP (SHUTDOWN event, EOF) and systemd (unit state, Result) said, classified once into a
+Reason, and cleaned up once. Nothing here polls: every wait is on an event, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from supervisord_vm.definition import Definition, definition_to_toml
+from supervisord_vm.errors import (
+    AlreadyRunning,
+    Busy,
+    InvalidState,
+    NoSuchUnit,
+    NotRunning,
+    OperationTimeout,
+    QmpDisconnected,
+    QmpError,
+    StartFailed,
+    SvmError,
+)
+from supervisord_vm.model import (
+    DestroyMode,
+    EventType,
+    ExitInfo,
+    MachineEvent,
+    MachineInfo,
+    Reason,
+    State,
+)
+from supervisord_vm.qemu import QmpEvent, QmpSession, build_argv
+from supervisord_vm.store import Paths, RuntimeRecord, RuntimeStore, StateStore, log_path
+from supervisord_vm.systemd import (
+    ScopeProperties,
+    Systemd,
+    UnitEvent,
+    UnitStatus,
+    scope_name,
+    spawn_in_scope,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Operation(enum.StrEnum):
+    START = "start"
+    SHUTDOWN = "shutdown"
+    DESTROY = "destroy"
+    KILL = "kill"
+    REBOOT = "reboot"
+    RESET = "reset"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+# The one table of allowed state changes. STOPPING may fall back to RUNNING/PAUSED: a shutdown
+# that timed out or a graceful destroy answered Busy leaves the VM running as it was.
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.SHUTOFF: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.RUNNING, State.SHUTOFF}),
+    State.RUNNING: frozenset({State.PAUSED, State.STOPPING, State.SHUTOFF}),
+    State.PAUSED: frozenset({State.RUNNING, State.STOPPING, State.SHUTOFF}),
+    State.STOPPING: frozenset({State.RUNNING, State.PAUSED, State.SHUTOFF}),
+}
+
+# The states in which each operation may begin.
+ALLOWED: Mapping[Operation, frozenset[State]] = {
+    Operation.START: frozenset({State.SHUTOFF}),
+    Operation.SHUTDOWN: frozenset({State.RUNNING}),
+    Operation.DESTROY: frozenset({State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING}),
+    Operation.KILL: frozenset({State.RUNNING, State.PAUSED, State.STOPPING}),
+    Operation.REBOOT: frozenset({State.RUNNING}),
+    Operation.RESET: frozenset({State.RUNNING, State.PAUSED}),
+    Operation.PAUSE: frozenset({State.RUNNING}),
+    Operation.RESUME: frozenset({State.PAUSED}),
+}
+
+# Signals after which QEMU is not expected to go on running (default action or QEMU's handler
+# ends the process); a kill with one of these makes the exit ours (`destroyed`).
+NON_TERMINATING_SIGNALS = frozenset(
+    {
+        0,
+        signal.SIGSTOP,
+        signal.SIGCONT,
+        signal.SIGTSTP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGWINCH,
+        signal.SIGCHLD,
+        signal.SIGURG,
+    }
+)
+
+# Unit Results that prove a VM died on its own even when no daemon watched it end.
+CRASH_RESULTS = frozenset({"oom-kill", "signal", "core-dump", "exit-code"})
+
+# Environment variables a service manager hands to the daemon that QEMU must never see.
+PRIVATE_ENVIRONMENT = frozenset(
+    {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"}
+)
+
+
+def check_transition(name: str, old: State, new: State) -> None:
+    """Refuse a state change the table does not allow (a bug in the caller, said clearly)."""
+    if new is not old and new not in TRANSITIONS[old]:
+        raise InvalidState(f"VM {name} cannot go from {old} to {new}")
+
+
+def check_operation(name: str, operation: Operation, state: State) -> None:
+    """Raise the error a client should see when `operation` cannot begin in `state`."""
+    if state in ALLOWED[operation]:
+        return
+    if operation is Operation.START:
+        if state is State.STOPPING:
+            raise InvalidState(f"VM {name} is stopping; start it again once it is shut off")
+        raise AlreadyRunning(f"VM {name} is already {state}")
+    if state is State.SHUTOFF:
+        raise NotRunning(f"VM {name} is not running")
+    raise InvalidState(f"cannot {operation} VM {name} while it is {state}")
+
+
+@dataclass(frozen=True)
+class ExitFacts:
+    """Everything known about one run's end, gathered from the process, QMP and systemd."""
+
+    start_failed: bool = False
+    destroy_requested: bool = False
+    our_sigterm_pending: bool = False  # a graceful destroy answered Busy earlier
+    shutdown_guest: bool | None = None  # SHUTDOWN event: guest flag; None if none came
+    shutdown_reason: str = ""  # SHUTDOWN event: QEMU's reason (host-signal, guest-shutdown, ...)
+    external_stop: bool = False  # the unit went deactivating without our request
+    unit_result: str = ""
+
+
+def classify_exit(facts: ExitFacts) -> Reason:
+    """The reason for an exit this daemon watched; pure, so the rules are tested on their own."""
+    if facts.start_failed:
+        return Reason.FAILED
+    if facts.destroy_requested:
+        return Reason.DESTROYED
+    if facts.shutdown_guest is True:
+        return Reason.SHUTDOWN
+    if facts.our_sigterm_pending and facts.shutdown_reason == "host-signal":
+        return Reason.DESTROYED
+    if facts.external_stop or facts.unit_result == "timeout":
+        return Reason.STOPPED_EXTERNALLY
+    if facts.shutdown_guest is False and facts.shutdown_reason != "host-error":
+        return Reason.STOPPED_EXTERNALLY
+    return Reason.CRASHED
+
+
+def classify_lost(unit_result: str) -> Reason:
+    """The reason for a run that ended while no daemon watched: `crashed` only where provable."""
+    return Reason.CRASHED if unit_result in CRASH_RESULTS else Reason.LOST
+
+
+@dataclass
+class MachineContext:
+    """What every Machine shares: the stores, systemd, and the supervisor's hooks."""
+
+    paths: Paths
+    systemd: Systemd
+    runtime: RuntimeStore
+    state_store: StateStore
+    emit: Callable[[MachineEvent], None]
+    on_exit: Callable[[Machine, Reason], None]
+    slice: str = "machine.slice"
+    qmp_connect_timeout: float = 10.0
+    settle_timeout: float = 5.0  # how long an exit waits for QMP EOF / the unit's final state
+    force_timeout: float = 40.0  # libvirt's give-up time for SIGKILL
+    reboot_timeout: float = 120.0
+
+
+@dataclass
+class _Run:
+    """One QEMU process and what was learned about it while it ran."""
+
+    pid: int
+    process: asyncio.subprocess.Process | None  # set when this daemon spawned it
+    started_at: float
+    qmp: QmpSession | None = None
+    pidfd: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Future[Reason] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    unit_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    unit_status: UnitStatus | None = None
+    unit_removed: bool = False
+    start_failed: bool = False
+    destroy_requested: bool = False
+    our_sigterm_pending: bool = False
+    external_stop: bool = False
+    shutdown_guest: bool | None = None
+    shutdown_reason: str = ""
+    rebooting: bool = False
+    reboot_powered_off: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+# Tasks that reap children after their run was settled (a ptrace-held zombie is reaped late).
+_reapers: set[asyncio.Task[int]] = set()
+
+
+class Machine:
+    """One VM: serialized operations, one run at a time, exactly one cleanup per exit."""
+
+    def __init__(self, definition: Definition, ctx: MachineContext, *, transient: bool) -> None:
+        self.definition = definition  # used by the next start
+        self.transient = transient
+        self.unit = scope_name(definition.name)
+        self.state = State.SHUTOFF
+        self.reason = Reason.NONE
+        self.exit = ExitInfo()
+        self._ctx = ctx
+        self._lock = asyncio.Lock()
+        self._run: _Run | None = None
+        self._running_definition = definition
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def pid(self) -> int:
+        return self._run.pid if self._run is not None and self.state is not State.SHUTOFF else 0
+
+    def info(self) -> MachineInfo:
+        return MachineInfo(
+            name=self.name,
+            state=self.state,
+            reason=self.reason,
+            unit=self.unit,
+            pid=self.pid,
+            transient=self.transient,
+            autostart=self.definition.autostart,
+            restart=self.definition.restart,
+            stop_timeout=self.definition.stop_timeout,
+            exit=self.exit,
+        )
+
+    def restore_exit(self, reason: Reason, exit_info: ExitInfo) -> None:
+        """Take over the last-exit record a previous daemon saved."""
+        if self.state is State.SHUTOFF:
+            self.reason, self.exit = reason, exit_info
+
+    def set_transient(self, transient: bool) -> None:
+        """Mark a running VM (un)defined; the runtime record follows so a reattach knows."""
+        self.transient = transient
+        run = self._run
+        if run is not None and self.state is not State.SHUTOFF:
+            self._save_record(run)
+
+    # --- state and events ---------------------------------------------------------------------
+
+    def _set_state(self, new: State, event: EventType | None = None, message: str = "") -> None:
+        check_transition(self.name, self.state, new)
+        changed = new is not self.state
+        self.state = new
+        if event is not None and (changed or event not in (EventType.PAUSED, EventType.RESUMED)):
+            self._emit(event, message)
+
+    def _emit(self, event: EventType, message: str = "") -> None:
+        self._ctx.emit(
+            MachineEvent(
+                time=time.time(),
+                name=self.name,
+                event=event,
+                state=self.state,
+                reason=self.reason,
+                message=message,
+            )
+        )
+
+    def _current(self, operation: Operation) -> _Run:
+        check_operation(self.name, operation, self.state)
+        run = self._run
+        if run is None:  # the table says a run exists in every state but shutoff
+            raise NotRunning(f"VM {self.name} is not running")
+        return run
+
+    def _qmp(self, run: _Run) -> QmpSession:
+        if run.qmp is None or run.qmp.closed:
+            raise QmpError(f"no QMP connection to VM {self.name}")
+        return run.qmp
+
+    # --- start --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start QEMU inside its scope and its CPUs once QMP is attached; or fail leaving nothing.
+
+        Raises AlreadyRunning/InvalidState when not shut off, StartFailed naming the cause.
+        """
+        async with self._lock:
+            check_operation(self.name, Operation.START, self.state)
+            await self._start_locked()
+
+    def _check_files(self, defn: Definition) -> str | None:
+        qemu = Path(defn.qemu)
+        if not qemu.is_file():
+            return f"QEMU binary {defn.qemu} does not exist"
+        if not os.access(qemu, os.X_OK):
+            return f"QEMU binary {defn.qemu} is not executable"
+        for disk in defn.disks:
+            if not Path(disk.path).exists():
+                return f"disk {disk.path} does not exist"
+        return None
+
+    async def _start_locked(self) -> None:
+        defn = self.definition
+        problem = self._check_files(defn)
+        if problem is not None:
+            await self._fail_without_run(f"cannot start VM {self.name}: {problem}")
+        self._running_definition = defn
+        self.reason = Reason.NONE
+        self._set_state(State.STARTING, EventType.STARTING)
+        runtime = self._ctx.runtime
+        socket_path = runtime.qmp_socket(self.name)
+        log_file = log_path(self._ctx.paths, self.name)
+        try:
+            await self._clear_scope()
+            runtime.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            socket_path.unlink(missing_ok=True)
+            log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            log_fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                log_offset = os.lseek(log_fd, 0, os.SEEK_END)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+                header = f"--- {stamp}: supervisord-vm starts VM {self.name} ({self.unit}) ---\n"
+                os.write(log_fd, header.encode())
+                log_offset += len(header.encode())
+                env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
+                props = ScopeProperties(
+                    description=f"QEMU virtual machine {self.name} (supervisord-vm)",
+                    stop_timeout=float(defn.stop_timeout),
+                    slice=self._ctx.slice,
+                )
+                process = await spawn_in_scope(
+                    self._ctx.systemd,
+                    build_argv(defn, socket_path),
+                    self.unit,
+                    props,
+                    env=env,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                )
+            finally:
+                os.close(log_fd)
+        except (SvmError, OSError) as err:
+            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+        run = _Run(pid=process.pid, process=process, started_at=time.time())
+        self._run = run
+        self._watch(run)
+        try:
+            self._save_record(run)
+            run.qmp = await self._connect_qmp(run, socket_path)
+            await run.qmp.execute("cont")
+        except (SvmError, OSError) as err:
+            run.start_failed = True
+            await self._abort_run(run)
+            tail = _log_tail(log_file, log_offset)
+            detail = f"\nQEMU's last output:\n{tail}" if tail else ""
+            raise StartFailed(f"QEMU for VM {self.name} failed to start: {err}{detail}") from err
+        if self._run is not run:  # it ended right after `cont` and was settled already
+            raise StartFailed(f"QEMU for VM {self.name} exited while starting")
+        self._set_state(State.RUNNING, EventType.STARTED, f"pid {run.pid}")
+
+    async def _fail_without_run(self, message: str) -> NoReturn:
+        """A start that failed before QEMU ran: record `failed`, leave nothing, raise."""
+        with contextlib.suppress(SvmError, OSError):
+            await self._clear_scope()
+        self._ctx.runtime.remove(self.name)
+        self.reason = Reason.FAILED
+        self.exit = ExitInfo(time=time.time())
+        if self.state is not State.SHUTOFF:
+            self._set_state(State.SHUTOFF)
+        self._record_exit()
+        self._emit(EventType.STOPPED, message)
+        self._ctx.on_exit(self, Reason.FAILED)
+        raise StartFailed(message)
+
+    async def _connect_qmp(self, run: _Run, socket_path: Path) -> QmpSession:
+        """Connect QMP, giving up at once if QEMU exits first (bad extra_args and the like)."""
+        connect = asyncio.ensure_future(
+            QmpSession.connect(
+                socket_path,
+                timeout=self._ctx.qmp_connect_timeout,
+                on_event=lambda event: self._on_qmp_event(run, event),
+            )
+        )
+        exited = asyncio.ensure_future(run.exited.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SvmError):
+                await connect
+            raise QmpError("QEMU exited before its monitor was ready")
+        return connect.result()
+
+    async def _abort_run(self, run: _Run) -> None:
+        """Kill a run that failed to start and wait for its cleanup."""
+        run.destroy_requested = True
+        if not run.exited.is_set():
+            with contextlib.suppress(SvmError):
+                await self._ctx.systemd.kill_unit(self.unit, signal.SIGKILL)
+            if run.process is not None and run.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    run.process.kill()
+        await asyncio.shield(run.settled)
+
+    def _save_record(self, run: _Run) -> None:
+        self._ctx.runtime.save(
+            RuntimeRecord(
+                name=self.name,
+                pid=run.pid,
+                unit=self.unit,
+                transient=self.transient,
+                definition_toml=definition_to_toml(self._running_definition),
+                started_at=run.started_at,
+            )
+        )
+
+    # --- reattach -----------------------------------------------------------------------------
+
+    async def adopt(self, pid: int, started_at: float, running_definition: Definition) -> bool:
+        """Take over a QEMU a previous daemon started; False if the process is already gone."""
+        async with self._lock:
+            run = _Run(pid=pid, process=None, started_at=started_at)
+            try:
+                run.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return False
+            self._running_definition = running_definition
+            self._run = run
+            self._watch(run)
+            self._set_state(State.STARTING)
+            socket_path = self._ctx.runtime.qmp_socket(self.name)
+            status: object = None
+            try:
+                run.qmp = await QmpSession.connect(
+                    socket_path,
+                    timeout=self._ctx.qmp_connect_timeout,
+                    on_event=lambda event: self._on_qmp_event(run, event),
+                )
+                status = await run.qmp.execute("query-status")
+                if isinstance(status, dict) and status.get("status") == "prelaunch":
+                    await run.qmp.execute("cont")  # the previous daemon died mid-start
+            except SvmError as err:
+                log.warning("VM %s: reattached without QMP: %s", self.name, err)
+            self._save_record(run)
+            if run.exited.is_set():
+                return True  # the watcher settles it
+            self._set_state(State.RUNNING)
+            if isinstance(status, dict) and status.get("status") == "paused":
+                self._set_state(State.PAUSED)
+            log.info("VM %s: reattached to pid %d", self.name, pid)
+            return True
+
+    async def settle_ended(self, status: UnitStatus | None) -> Reason:
+        """Settle a run that ended while no daemon watched (found at start-up)."""
+        result = status.result if status is not None else ""
+        reason = classify_lost(result)
+        self._running_definition = self.definition
+        await self._cleanup(
+            reason,
+            ExitInfo(result=result, time=time.time()),
+            "ended while the daemon was not running",
+        )
+        return reason
+
+    async def detach(self) -> None:
+        """Let go of the run (QMP, pidfd, watchers) and leave QEMU running."""
+        run = self._run
+        if run is None:
+            return
+        self._unwatch_pidfd(run)
+        for task in list(run.tasks):
+            task.cancel()
+        if run.qmp is not None:
+            await run.qmp.close()
+        self._run = None
+
+    # --- exit detection, classification, cleanup ----------------------------------------------
+
+    def _watch(self, run: _Run) -> None:
+        loop = asyncio.get_running_loop()
+        if run.pidfd is None:
+            try:
+                run.pidfd = os.pidfd_open(run.pid)
+            except ProcessLookupError:
+                run.pidfd = None
+        if run.pidfd is not None:
+            loop.add_reader(run.pidfd, self._on_pidfd, run)
+        if run.process is not None:
+            reaper = asyncio.ensure_future(run.process.wait())
+            _reapers.add(reaper)
+            reaper.add_done_callback(_reapers.discard)
+            reaper.add_done_callback(lambda _task: run.exited.set())
+        self._spawn(run, self._watch_exit(run))
+
+    def _spawn(self, run: _Run, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        run.tasks.add(task)
+        task.add_done_callback(run.tasks.discard)
+
+    def _on_pidfd(self, run: _Run) -> None:
+        self._unwatch_pidfd(run)
+        run.exited.set()
+
+    def _unwatch_pidfd(self, run: _Run) -> None:
+        if run.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(run.pidfd)
+            os.close(run.pidfd)
+            run.pidfd = None
+
+    def on_unit_event(self, event: UnitEvent) -> None:
+        """systemd said something about this VM's scope."""
+        run = self._run
+        if run is None:
+            return
+        if event.kind == "changed" and event.status is not None:
+            run.unit_status = event.status
+            if (
+                event.status.active_state == "deactivating"
+                and not run.destroy_requested
+                and not run.start_failed
+            ):
+                run.external_stop = True
+        elif event.kind == "removed":
+            run.unit_removed = True
+        run.unit_changed.set()
+
+    def _on_qmp_event(self, run: _Run, event: QmpEvent) -> None:
+        if run is not self._run:
+            return
+        if event.name == "SHUTDOWN":
+            guest = event.data.get("guest") is True
+            if run.rebooting and guest:
+                run.reboot_powered_off.set()
+                return
+            run.shutdown_guest = guest
+            run.shutdown_reason = str(event.data.get("reason", ""))
+        elif event.name == "STOP":
+            if self.state is State.RUNNING and run.shutdown_guest is None and not run.rebooting:
+                self._set_state(State.PAUSED, EventType.PAUSED)
+        elif event.name == "RESUME" and self.state is State.PAUSED and not run.rebooting:
+            self._set_state(State.RUNNING, EventType.RESUMED)
+
+    async def _watch_exit(self, run: _Run) -> None:
+        await run.exited.wait()
+        self._unwatch_pidfd(run)
+        exit_status: int | None = None
+        exit_signal: int | None = None
+        # QMP EOF comes after every event QEMU wrote, so the SHUTDOWN event is in by then.
+        if run.qmp is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ctx.settle_timeout):
+                    await run.qmp.wait_closed()
+            await run.qmp.close()
+        if run.process is not None:
+            # Reaped at once normally; a zombie held by a ptrace tracer is reaped later.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await asyncio.shield(run.process.wait())
+            code = run.process.returncode
+            if code is not None:
+                exit_status, exit_signal = (None, -code) if code < 0 else (code, None)
+        result = await self._final_unit_result(run)
+        facts = ExitFacts(
+            start_failed=run.start_failed,
+            destroy_requested=run.destroy_requested,
+            our_sigterm_pending=run.our_sigterm_pending,
+            shutdown_guest=run.shutdown_guest,
+            shutdown_reason=run.shutdown_reason,
+            external_stop=run.external_stop,
+            unit_result=result,
+        )
+        reason = classify_exit(facts)
+        info = ExitInfo(result, exit_status, exit_signal, time.time())
+        detail = [f"pid {run.pid}", f"result {result or 'unknown'}"]
+        if run.shutdown_reason:
+            detail.append(f"QEMU shutdown reason {run.shutdown_reason}")
+        if exit_signal is not None:
+            detail.append(f"signal {signal.Signals(exit_signal).name}")
+        elif exit_status is not None:
+            detail.append(f"exit status {exit_status}")
+        await self._cleanup(reason, info, ", ".join(detail), run)
+
+    async def _final_unit_result(self, run: _Run) -> str:
+        """Wait (on unit signals, bounded) for the scope to end and return its Result."""
+        try:
+            async with asyncio.timeout(self._ctx.settle_timeout):
+                while True:
+                    run.unit_changed.clear()
+                    status = await self._ctx.systemd.unit_status(self.unit)
+                    if status is None:
+                        last = run.unit_status
+                        return last.result if last is not None and last.result else "success"
+                    if status.active_state in ("inactive", "failed"):
+                        return status.result
+                    await run.unit_changed.wait()
+        except TimeoutError:
+            log.warning("VM %s: scope %s did not end with its process", self.name, self.unit)
+        except SvmError as err:
+            log.warning("VM %s: cannot read the state of %s: %s", self.name, self.unit, err)
+        return run.unit_status.result if run.unit_status is not None else ""
+
+    async def _cleanup(
+        self, reason: Reason, info: ExitInfo, message: str, run: _Run | None = None
+    ) -> None:
+        """Everything after an exit, once: scope, files, record, event, hooks."""
+        try:
+            await self._clear_scope()
+        except SvmError as err:
+            log.warning("VM %s: cannot clear scope %s: %s", self.name, self.unit, err)
+        try:
+            self._ctx.runtime.remove(self.name)
+        except OSError as err:
+            log.warning("VM %s: cannot remove runtime files: %s", self.name, err)
+        if run is None or self._run is run:
+            self._run = None
+        self.reason, self.exit = reason, info
+        self.state = State.SHUTOFF  # every state may end in shutoff (TRANSITIONS)
+        self._record_exit()
+        self._emit(EventType.STOPPED, message)
+        if run is not None and not run.settled.done():
+            run.settled.set_result(reason)
+        self._ctx.on_exit(self, reason)
+
+    def _record_exit(self) -> None:
+        if self.transient:
+            return  # a transient VM is forgotten with its exit
+        try:
+            self._ctx.state_store.save_exit(self.name, self.reason, self.exit)
+        except OSError as err:
+            log.error("VM %s: cannot save its exit record: %s", self.name, err)
+
+    async def _clear_scope(self) -> None:
+        """Make the scope name free: stop a loaded scope, reset a failed one."""
+        systemd = self._ctx.systemd
+        status = await systemd.unit_status(self.unit)
+        if status is None:
+            return
+        if status.active_state not in ("inactive", "failed"):
+            await systemd.stop_unit(self.unit)
+        with contextlib.suppress(NoSuchUnit):
+            await systemd.reset_failed(self.unit)
+
+    # --- operations on a running VM -----------------------------------------------------------
+
+    async def shutdown(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the guest, not the call
+        then_destroy: bool = False,
+    ) -> None:
+        """ACPI power button; wait for the guest to power off (bounded by `timeout`)."""
+        async with self._lock:
+            run = self._current(Operation.SHUTDOWN)
+            qmp = self._qmp(run)
+            self._set_state(State.STOPPING, EventType.STOPPING, "ACPI power button")
+            try:
+                await qmp.execute("system_powerdown")
+            except QmpDisconnected:
+                pass  # QEMU is going away anyway: wait for the exit below
+            except QmpError as err:
+                self._back_from_stopping(run, State.RUNNING, f"shutdown failed: {err}")
+                raise
+            try:
+                await asyncio.wait_for(asyncio.shield(run.settled), timeout)
+            except TimeoutError:
+                if then_destroy:
+                    await self._destroy_now(run, DestroyMode.DEFAULT, None)
+                    return
+                self._back_from_stopping(run, State.RUNNING, "shutdown timed out")
+                raise OperationTimeout(
+                    f"VM {self.name} did not power off within {timeout:g} s; it is still running"
+                ) from None
+
+    def _back_from_stopping(self, run: _Run, previous: State, message: str) -> None:
+        """A stop that did not happen: the VM is back in the state it was in, and says so."""
+        if self._run is run and self.state is State.STOPPING and previous is not State.STOPPING:
+            event = EventType.RESUMED if previous is State.RUNNING else EventType.PAUSED
+            self._set_state(previous, event, message)
+
+    async def destroy(
+        self,
+        mode: DestroyMode = DestroyMode.DEFAULT,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agreed interface
+    ) -> None:
+        """End QEMU (see DestroyMode); cuts through other operations waiting on this VM."""
+        if self.state is State.STARTING:
+            async with self._lock:  # a start is short and bounded: let it finish first
+                pass
+        run = self._current(Operation.DESTROY)
+        await self._destroy_now(run, mode, timeout)
+
+    async def _destroy_now(
+        self,
+        run: _Run,
+        mode: DestroyMode,
+        timeout: float | None,  # noqa: ASYNC109 - the agreed interface
+    ) -> None:
+        systemd = self._ctx.systemd
+        previous = self.state
+        run.destroy_requested = True
+        if self.state is not State.STOPPING:
+            self._set_state(State.STOPPING, EventType.STOPPING, f"destroy ({mode})")
+        if mode is DestroyMode.FORCE:
+            await self._kill_unit(run, signal.SIGKILL)
+            limit = timeout if timeout is not None else self._ctx.force_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(run.settled), limit)
+            except TimeoutError:
+                raise OperationTimeout(
+                    f"SIGKILL sent, but process {run.pid} of VM {self.name} is still there "
+                    f"after {limit:g} s (uninterruptible I/O?)"
+                ) from None
+        elif mode is DestroyMode.GRACEFUL:
+            await self._kill_unit(run, signal.SIGTERM)
+            stop_timeout = float(self._running_definition.stop_timeout)
+            limit = min(timeout, stop_timeout) if timeout is not None else stop_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(run.settled), limit)
+            except TimeoutError:
+                if run.settled.done():
+                    return
+                run.destroy_requested = False
+                run.our_sigterm_pending = True
+                self._back_from_stopping(run, previous, "graceful destroy: still running")
+                raise Busy(
+                    f"Failed to terminate process {run.pid} of VM {self.name} with SIGTERM "
+                    f"within {limit:g} s: it is still running and nothing was escalated"
+                ) from None
+        else:
+            with contextlib.suppress(NoSuchUnit):  # already ended: the exit is being settled
+                await systemd.stop_unit(self.unit)
+            limit = timeout if timeout is not None else self._ctx.force_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(run.settled), limit)
+            except TimeoutError:
+                raise OperationTimeout(
+                    f"the scope {self.unit} was stopped, but process {run.pid} of VM {self.name} "
+                    f"is still there after {limit:g} s"
+                ) from None
+
+    async def _kill_unit(self, run: _Run, sig: int) -> None:
+        try:
+            await self._ctx.systemd.kill_unit(self.unit, sig)
+        except NoSuchUnit:
+            if not run.exited.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(run.pid, sig)  # scope gone but the process not yet noticed
+
+    async def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to every process of the scope and return at once."""
+        run = self._current(Operation.KILL)
+        if sig not in NON_TERMINATING_SIGNALS:
+            run.destroy_requested = True
+        await self._kill_unit(run, sig)
+
+    async def reboot(self) -> None:
+        """ACPI reboot: power button with QEMU set to pause on guest power-off, then reset+cont.
+
+        QMP has no ACPI reboot command; this is libvirt's "fake reboot" with `set-action`. A guest
+        that ignores the button gets OperationTimeout and keeps running (use reset).
+        """
+        async with self._lock:
+            run = self._current(Operation.REBOOT)
+            qmp = self._qmp(run)
+            run.rebooting = True
+            run.reboot_powered_off.clear()
+            try:
+                await qmp.execute("set-action", {"shutdown": "pause"})
+                await qmp.execute("system_powerdown")
+                try:
+                    async with asyncio.timeout(self._ctx.reboot_timeout):
+                        await run.reboot_powered_off.wait()
+                except TimeoutError:
+                    raise OperationTimeout(
+                        f"VM {self.name} did not react to the ACPI power button within "
+                        f"{self._ctx.reboot_timeout:g} s; it is still running (reset forces it)"
+                    ) from None
+                await qmp.execute("system_reset")
+                await qmp.execute("cont")
+            finally:
+                with contextlib.suppress(QmpError):
+                    await qmp.execute("set-action", {"shutdown": "poweroff"})
+                run.rebooting = False
+            self._emit(EventType.REBOOTED)
+
+    async def reset(self) -> None:
+        """Hard reset (QMP system_reset), like the reset button."""
+        async with self._lock:
+            run = self._current(Operation.RESET)
+            await self._qmp(run).execute("system_reset")
+            self._emit(EventType.RESET)
+
+    async def pause(self) -> None:
+        async with self._lock:
+            run = self._current(Operation.PAUSE)
+            await self._qmp(run).execute("stop")
+            if self._run is run and self.state is State.RUNNING:
+                self._set_state(State.PAUSED, EventType.PAUSED)
+
+    async def resume(self) -> None:
+        async with self._lock:
+            run = self._current(Operation.RESUME)
+            await self._qmp(run).execute("cont")
+            if self._run is run and self.state is State.PAUSED:
+                self._set_state(State.RUNNING, EventType.RESUMED)
+
+
+def _log_tail(path: Path, offset: int, lines: int = 8) -> str:
+    """The last lines QEMU wrote to its log since `offset` (this start's header)."""
+    try:
+        with path.open("rb") as stream:
+            stream.seek(offset)
+            data = stream.read()[-8192:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").strip().splitlines()[-lines:])

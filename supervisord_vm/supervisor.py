@@ -1,0 +1,548 @@
+"""All VMs: the registry, reattach after a daemon restart, autostart, restart policy, events.
+
+The Supervisor is the core's one entry point for the D-Bus adapter: it finds the Machine, writes
+the audit record, and turns every Machine event into one fan-out (callbacks, a bounded ring of
+recent events, and a structured journal entry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisord_vm import journal
+from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
+from supervisord_vm.errors import (
+    InvalidDefinition,
+    InvalidState,
+    MachineExists,
+    NoSuchMachine,
+    SvmError,
+)
+from supervisord_vm.machine import Machine, MachineContext
+from supervisord_vm.model import (
+    Caller,
+    DestroyMode,
+    EventType,
+    MachineEvent,
+    MachineInfo,
+    Reason,
+    State,
+)
+from supervisord_vm.store import (
+    DefinitionStore,
+    Paths,
+    RuntimeRecord,
+    RuntimeStore,
+    StateStore,
+)
+from supervisord_vm.store import (
+    log_path as store_log_path,
+)
+from supervisord_vm.systemd import Systemd, UnitEvent, UnitStatus
+
+log = logging.getLogger(__name__)
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+RECENT_EVENTS = 1000
+
+# One MESSAGE_ID per event type, so `journalctl MESSAGE_ID=...` finds every VM stop (etc.).
+MESSAGE_IDS: dict[EventType, str] = {
+    event: uuid.uuid5(uuid.NAMESPACE_URL, f"org.supervisordvm1.event.{event}").hex
+    for event in EventType
+}
+AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").hex
+
+# Which exits the restart policies restart after. An explicit destroy, an external
+# `systemctl stop` and a failed start are never undone; `always` also covers guest power-off.
+RESTART_AFTER: dict[str, frozenset[Reason]] = {
+    "no": frozenset(),
+    "on-crash": frozenset({Reason.CRASHED}),
+    "always": frozenset({Reason.CRASHED, Reason.SHUTDOWN, Reason.LOST}),
+}
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    errors: list[str]
+
+
+@dataclass(frozen=True)
+class RestartPolicyLimits:
+    """Backoff and limit of automatic restarts (constructor parameters so tests run fast)."""
+
+    backoff: float = 1.0  # first delay; doubles per restart within the window
+    backoff_max: float = 30.0
+    limit: int = 5  # restarts within `window`; then restarting stops and `crashed` stays
+    window: float = 60.0
+
+
+class Supervisor:
+    """Every VM of this host, defined or transient."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        systemd: Systemd,
+        *,
+        slice: str = "machine.slice",
+        restart_limits: RestartPolicyLimits | None = None,
+        qmp_connect_timeout: float = 10.0,
+    ) -> None:
+        self.paths = paths
+        self._systemd = systemd
+        self._definitions = DefinitionStore(paths.definitions_dir)
+        self._runtime = RuntimeStore(paths.runtime_dir)
+        self._state = StateStore(paths.state_dir)
+        self._limits = restart_limits or RestartPolicyLimits()
+        self._ctx = MachineContext(
+            paths=paths,
+            systemd=systemd,
+            runtime=self._runtime,
+            state_store=self._state,
+            emit=self._emit,
+            on_exit=self._on_exit,
+            slice=slice,
+            qmp_connect_timeout=qmp_connect_timeout,
+        )
+        self._machines: dict[str, Machine] = {}
+        self._subscribers: list[Callable[[MachineEvent], None]] = []
+        self._recent: collections.deque[MachineEvent] = collections.deque(maxlen=RECENT_EVENTS)
+        self._restart_history: dict[str, collections.deque[float]] = {}
+        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
+        self._unsubscribe_units: Callable[[], None] | None = None
+
+    # --- start-up and shutdown of the daemon ----------------------------------------------------
+
+    async def start_up(self) -> None:
+        """Load definitions, reattach running VMs, settle ended ones, autostart once per boot."""
+        self._unsubscribe_units = self._systemd.subscribe(self._on_unit_event)
+        definitions, errors = self._definitions.load_all()
+        for message in errors:
+            log.error("ignoring definition: %s", message)
+        for defn in definitions.values():
+            self._machines[defn.name] = Machine(defn, self._ctx, transient=False)
+        for name, (reason, exit_info) in self._state.load_exits().items():
+            if name in self._machines:
+                self._machines[name].restore_exit(reason, exit_info)
+            else:
+                self._state.remove_exit(name)
+        await self._reattach()
+        await self._autostart()
+
+    async def _reattach(self) -> None:
+        records, errors = self._runtime.load_all()
+        for message in errors:
+            log.error("%s", message)
+        scopes = {status.name: status for status in await self._systemd.list_scopes("svm-*.scope")}
+        for record in records.values():
+            await self._reattach_record(record, scopes.pop(record.unit, None))
+        by_unit = {machine.unit: machine for machine in self._machines.values()}
+        for unit, status in scopes.items():
+            machine = by_unit.get(unit)
+            try:
+                pids = await self._systemd.unit_pids(unit) if _is_alive(status) else []
+                if (
+                    machine is not None
+                    and machine.state is State.SHUTOFF
+                    and pids
+                    and await machine.adopt(min(pids), time.time(), machine.definition)
+                ):
+                    continue
+                if machine is not None and machine.state is State.SHUTOFF:
+                    await machine.settle_ended(status)
+                elif machine is None:
+                    log.warning("stopping scope %s: no VM of this daemon owns it", unit)
+                    await self._systemd.stop_unit(unit)
+                    with contextlib.suppress(SvmError):
+                        await self._systemd.reset_failed(unit)
+            except SvmError as err:
+                log.error("cannot settle scope %s: %s", unit, err)
+
+    async def _reattach_record(self, record: RuntimeRecord, status: UnitStatus | None) -> None:
+        machine = self._machines.get(record.name)
+        running_defn: Definition | None = None
+        try:
+            running_defn = parse_definition(record.definition_toml, f"runtime record {record.name}")
+        except InvalidDefinition as err:
+            log.error("runtime record of %s unusable: %s", record.name, err)
+        if machine is None:
+            if running_defn is None:
+                log.warning("stopping scope %s: its VM cannot be reconstructed", record.unit)
+                with contextlib.suppress(SvmError):
+                    await self._systemd.stop_unit(record.unit)
+                    await self._systemd.reset_failed(record.unit)
+                self._runtime.remove(record.name)
+                return
+            machine = Machine(running_defn, self._ctx, transient=True)
+            self._machines[record.name] = machine
+        alive = False
+        try:
+            if _is_alive(status) and record.pid in await self._systemd.unit_pids(record.unit):
+                alive = await machine.adopt(
+                    record.pid, record.started_at, running_defn or machine.definition
+                )
+            if not alive:
+                reason = await machine.settle_ended(status)
+                log.info("VM %s ended while the daemon was not running: %s", record.name, reason)
+        except SvmError as err:
+            log.error("cannot reattach VM %s: %s", record.name, err)
+
+    async def _autostart(self) -> None:
+        try:
+            boot_id = BOOT_ID_PATH.read_text(encoding="ascii").strip()  # noqa: ASYNC240 - procfs
+        except OSError as err:
+            log.error("cannot read the boot ID, autostart skipped: %s", err)
+            return
+        if self._state.autostart_boot_id() == boot_id:
+            return
+        self._state.set_autostart_boot_id(boot_id)
+        for machine in list(self._machines.values()):
+            if machine.definition.autostart and machine.state is State.SHUTOFF:
+                try:
+                    await machine.start()
+                except SvmError as err:
+                    log.error("autostart of VM %s failed: %s", machine.name, err)
+
+    async def close(self) -> None:
+        """Detach from every VM and leave it running."""
+        for task in self._restart_tasks.values():
+            task.cancel()
+        self._restart_tasks.clear()
+        if self._unsubscribe_units is not None:
+            self._unsubscribe_units()
+            self._unsubscribe_units = None
+        for machine in self._machines.values():
+            await machine.detach()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> Machine:
+        machine = self._machines.get(name)
+        if machine is None:
+            raise NoSuchMachine(f"no VM named {name!r}")
+        return machine
+
+    def list_machines(self) -> list[MachineInfo]:
+        return [self._machines[name].info() for name in sorted(self._machines)]
+
+    def get_machine(self, name: str) -> MachineInfo:
+        return self._get(name).info()
+
+    def definition_toml(self, name: str) -> str:
+        return definition_to_toml(self._get(name).definition)
+
+    def log_path(self, name: str) -> Path:
+        return store_log_path(self.paths, name)
+
+    def summary(self) -> str:
+        running = sum(1 for m in self._machines.values() if m.state is not State.SHUTOFF)
+        defined = sum(1 for m in self._machines.values() if not m.transient)
+        return f"{running} running, {defined} defined"
+
+    def machine(self, name: str) -> Machine:
+        """The Machine object itself (for tests and the daemon's own use)."""
+        return self._get(name)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[MachineEvent], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def recent_events(self, name: str | None = None) -> list[MachineEvent]:
+        return [e for e in self._recent if name is None or e.name == name]
+
+    def _emit(self, event: MachineEvent) -> None:
+        self._recent.append(event)
+        unit = self._machines[event.name].unit if event.name in self._machines else ""
+        text = f"VM {event.name} {event.event}"
+        if event.reason and event.event is EventType.STOPPED:
+            text += f" ({event.reason})"
+        if event.message:
+            text += f": {event.message}"
+        journal.send(
+            text,
+            logging.WARNING
+            if event.reason in (Reason.CRASHED, Reason.FAILED) and event.event is EventType.STOPPED
+            else logging.INFO,
+            MESSAGE_ID=MESSAGE_IDS[event.event],
+            VM_NAME=event.name,
+            VM_UNIT=unit,
+            VM_EVENT=str(event.event),
+            VM_STATE=str(event.state),
+            VM_REASON=str(event.reason),
+        )
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber failed")
+
+    def _on_unit_event(self, event: UnitEvent) -> None:
+        for machine in self._machines.values():
+            if machine.unit == event.unit:
+                machine.on_unit_event(event)
+
+    # --- exits and restart policy ---------------------------------------------------------------
+
+    def _on_exit(self, machine: Machine, reason: Reason) -> None:
+        name = machine.name
+        if self._schedule_restart(machine, reason):
+            return
+        if machine.transient and self._machines.get(name) is machine:
+            del self._machines[name]
+            self._restart_history.pop(name, None)
+            self._state.remove_exit(name)
+
+    def _schedule_restart(self, machine: Machine, reason: Reason) -> bool:
+        if reason not in RESTART_AFTER.get(machine.definition.restart, frozenset()):
+            return False
+        now = time.monotonic()
+        history = self._restart_history.setdefault(machine.name, collections.deque())
+        while history and now - history[0] > self._limits.window:
+            history.popleft()
+        if len(history) >= self._limits.limit:
+            message = (
+                f"restart limit reached ({self._limits.limit} in {self._limits.window:g} s); "
+                "not restarting"
+            )
+            log.warning("VM %s: %s", machine.name, message)
+            journal.send(
+                f"VM {machine.name}: {message}",
+                logging.WARNING,
+                VM_NAME=machine.name,
+                VM_UNIT=machine.unit,
+                VM_REASON=str(reason),
+            )
+            return False
+        delay = min(self._limits.backoff * 2 ** len(history), self._limits.backoff_max)
+        history.append(now)
+        self._emit(
+            MachineEvent(
+                time=time.time(),
+                name=machine.name,
+                event=EventType.RESTARTING,
+                state=machine.state,
+                reason=reason,
+                message=f"restart {len(history)} of {self._limits.limit} in {delay:g} s",
+            )
+        )
+        self._cancel_restart(machine.name)
+        task = asyncio.ensure_future(self._restart_later(machine, delay))
+        self._restart_tasks[machine.name] = task
+        return True
+
+    async def _restart_later(self, machine: Machine, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)  # the backoff itself, not a poll
+            if self._machines.get(machine.name) is machine and machine.state is State.SHUTOFF:
+                await machine.start()
+        except SvmError as err:
+            log.error("restart of VM %s failed: %s", machine.name, err)
+        finally:
+            if self._restart_tasks.get(machine.name) is asyncio.current_task():
+                del self._restart_tasks[machine.name]
+
+    def _cancel_restart(self, name: str) -> None:
+        task = self._restart_tasks.pop(name, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    # --- audited operations ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _audit(
+        self, operation: str, name: str, caller: Caller | None, **details: object
+    ) -> AsyncIterator[None]:
+        """One audit journal entry per request: who, what, on which VM, and how it ended."""
+        result = "ok"
+        try:
+            yield
+        except SvmError as err:
+            result = f"{type(err).__name__}: {err}"
+            raise
+        except BaseException as err:
+            result = f"error: {type(err).__name__}"
+            raise
+        finally:
+            who = f"uid {caller.uid} pid {caller.pid}" if caller is not None else "daemon"
+            journal.send(
+                f"{operation} {name} by {who}: {result}",
+                logging.INFO if result == "ok" else logging.WARNING,
+                MESSAGE_ID=AUDIT_MESSAGE_ID,
+                VM_NAME=name,
+                VM_OPERATION=operation,
+                VM_RESULT=result,
+                CALLER_UID=caller.uid if caller is not None else None,
+                CALLER_PID=caller.pid if caller is not None else None,
+                **{f"VM_{key.upper()}": value for key, value in details.items()},
+            )
+
+    async def define(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
+        """Store a definition; an existing VM's new definition takes effect on its next start."""
+        defn = parse_definition(toml_text)
+        async with self._audit("define", defn.name, caller):
+            self._definitions.save(defn)
+            machine = self._machines.get(defn.name)
+            if machine is None:
+                machine = Machine(defn, self._ctx, transient=False)
+                self._machines[defn.name] = machine
+            else:
+                machine.definition = defn
+                machine.set_transient(False)
+            machine_info = machine.info()
+            self._emit_simple(machine, EventType.DEFINED)
+            return machine_info
+
+    async def undefine(self, name: str, caller: Caller | None = None) -> None:
+        """Remove the definition; a running VM keeps running as a transient one."""
+        async with self._audit("undefine", name, caller):
+            machine = self._get(name)
+            if machine.transient:
+                raise InvalidState(f"VM {name} is transient (not defined); destroy it instead")
+            self._cancel_restart(name)
+            self._definitions.remove(name)
+            self._emit_simple(machine, EventType.UNDEFINED)
+            if machine.state is State.SHUTOFF:
+                del self._machines[name]
+                self._restart_history.pop(name, None)
+                self._state.remove_exit(name)
+            else:
+                machine.set_transient(True)
+
+    async def create(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
+        """Start a transient VM (no definition file); it is forgotten when it stops."""
+        defn = parse_definition(toml_text)
+        async with self._audit("create", defn.name, caller):
+            if defn.name in self._machines:
+                raise MachineExists(f"a VM named {defn.name!r} already exists")
+            machine = Machine(defn, self._ctx, transient=True)
+            self._machines[defn.name] = machine
+            await machine.start()
+            return machine.info()
+
+    async def start(self, name: str, caller: Caller | None = None) -> MachineInfo:
+        async with self._audit("start", name, caller):
+            machine = self._get(name)
+            self._cancel_restart(name)
+            await machine.start()
+            return machine.info()
+
+    async def shutdown(
+        self,
+        name: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agreed interface
+        then_destroy: bool = False,
+        caller: Caller | None = None,
+    ) -> MachineInfo:
+        async with self._audit(
+            "shutdown", name, caller, timeout=timeout, then_destroy=then_destroy
+        ):
+            machine = self._get(name)
+            self._cancel_restart(name)
+            await machine.shutdown(timeout, then_destroy)
+            return machine.info()
+
+    async def destroy(
+        self,
+        name: str,
+        mode: DestroyMode = DestroyMode.DEFAULT,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agreed interface
+        caller: Caller | None = None,
+    ) -> MachineInfo:
+        async with self._audit("destroy", name, caller, mode=mode, timeout=timeout):
+            machine = self._get(name)
+            self._cancel_restart(name)
+            await machine.destroy(mode, timeout)
+            return machine.info()
+
+    async def kill(self, name: str, signal: int = 15, caller: Caller | None = None) -> None:
+        async with self._audit("kill", name, caller, signal=signal):
+            machine = self._get(name)
+            await machine.kill(signal)
+
+    async def reboot(self, name: str, caller: Caller | None = None) -> None:
+        async with self._audit("reboot", name, caller):
+            await self._get(name).reboot()
+
+    async def reset(self, name: str, caller: Caller | None = None) -> None:
+        async with self._audit("reset", name, caller):
+            await self._get(name).reset()
+
+    async def pause(self, name: str, caller: Caller | None = None) -> None:
+        async with self._audit("pause", name, caller):
+            await self._get(name).pause()
+
+    async def resume(self, name: str, caller: Caller | None = None) -> None:
+        async with self._audit("resume", name, caller):
+            await self._get(name).resume()
+
+    async def reload(self, caller: Caller | None = None) -> ReloadReport:
+        """Re-read the definitions directory; running VMs keep running as they are."""
+        async with self._audit("reload", "*", caller):
+            definitions, errors = self._definitions.load_all()
+            added: list[str] = []
+            removed: list[str] = []
+            changed: list[str] = []
+            for name, defn in definitions.items():
+                machine = self._machines.get(name)
+                if machine is None:
+                    self._machines[name] = Machine(defn, self._ctx, transient=False)
+                    added.append(name)
+                elif machine.transient:
+                    machine.definition = defn
+                    machine.set_transient(False)
+                    added.append(name)
+                elif machine.definition != defn:
+                    machine.definition = defn
+                    changed.append(name)
+            for name, machine in list(self._machines.items()):
+                if machine.transient or name in definitions:
+                    continue
+                removed.append(name)
+                self._cancel_restart(name)
+                if machine.state is State.SHUTOFF:
+                    del self._machines[name]
+                    self._state.remove_exit(name)
+                else:
+                    machine.set_transient(True)
+            for name in added:
+                self._emit_simple(self._machines[name], EventType.DEFINED)
+            return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
+
+    def _emit_simple(self, machine: Machine, event: EventType) -> None:
+        self._emit(
+            MachineEvent(
+                time=time.time(),
+                name=machine.name,
+                event=event,
+                state=machine.state,
+                reason=machine.reason,
+            )
+        )
+
+
+def _is_alive(status: UnitStatus | None) -> bool:
+    """A scope that may still hold a QEMU (a stop job in progress still has its processes)."""
+    return status is not None and status.active_state in (
+        "active",
+        "activating",
+        "reloading",
+        "deactivating",
+    )
