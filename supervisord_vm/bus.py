@@ -1,0 +1,740 @@
+"""The D-Bus face of the supervisor: org.supervisordvm1 on the system bus (sdbus).
+
+Modelled on org.freedesktop.machine1: one Manager object that takes VM names, and one object per
+VM whose properties follow the VM (with PropertiesChanged). This module only translates: bus
+calls become Supervisor calls, core exceptions become one error name each, core events become
+signals. It authorizes every changing call from the caller's credentials (root or group
+supervisord-vm) and audits it in the journal; reading is open to everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import pwd
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sdbus import (
+    DbusFailedError,
+    DbusInterfaceCommonAsync,
+    DbusPropertyEmitsChangeFlag,
+    DbusUnprivilegedFlag,
+    SdBus,
+    dbus_method_async,
+    dbus_property_async,
+    dbus_signal_async,
+    encode_object_path,
+    get_current_message,
+)
+
+from supervisord_vm import errors, journal
+from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
+from supervisord_vm.shutdown_all import shutdown_all
+
+if TYPE_CHECKING:
+    from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
+
+    from supervisord_vm.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.supervisordvm1"
+MANAGER_PATH = "/org/supervisordvm1"
+MACHINE_PATH_PREFIX = "/org/supervisordvm1/machine"
+MANAGER_INTERFACE = "org.supervisordvm1.Manager"
+MACHINE_INTERFACE = "org.supervisordvm1.Machine"
+ERROR_PREFIX = "org.supervisordvm1.Error."
+ADMIN_GROUP = "supervisord-vm"
+AUDIT_MESSAGE_ID = "5b0c2f0e6f6a4a8f9d3c1e2a7b9d4c11"
+LOG_TAIL_LIMIT = 1 << 20  # bytes of QEMU output one GetLog call may return
+
+T = TypeVar("T")
+
+
+def machine_path(name: str) -> str:
+    """Object path of VM ``name``; sd-bus escaping round-trips every valid name."""
+    path: str = encode_object_path(MACHINE_PATH_PREFIX, name)
+    return path
+
+
+# --- errors: one D-Bus name per core error -------------------------------------------------
+
+
+class NoSuchMachineError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "NoSuchMachine"
+
+
+class MachineExistsError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "MachineExists"
+
+
+class AlreadyRunningError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "AlreadyRunning"
+
+
+class NotRunningError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "NotRunning"
+
+
+class InvalidStateError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "InvalidState"
+
+
+class BusyError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "Busy"
+
+
+class TimeoutError_(DbusFailedError):  # "TimeoutError" would shadow the builtin
+    dbus_error_name = ERROR_PREFIX + "Timeout"
+
+
+class InvalidDefinitionError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "InvalidDefinition"
+
+
+class InvalidArgumentError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "InvalidArgument"
+
+
+class AccessDeniedError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "AccessDenied"
+
+
+class StartFailedError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "StartFailed"
+
+
+class SystemdErrorError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "SystemdError"
+
+
+class QmpErrorError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "QmpError"
+
+
+class FailedError(DbusFailedError):
+    dbus_error_name = ERROR_PREFIX + "Failed"
+
+
+# Most specific first: the first isinstance match wins (QmpDisconnected is a QmpError, ...).
+_ERROR_MAP: tuple[tuple[type[Exception], type[DbusFailedError]], ...] = (
+    (errors.NoSuchMachine, NoSuchMachineError),
+    (errors.MachineExists, MachineExistsError),
+    (errors.AlreadyRunning, AlreadyRunningError),
+    (errors.NotRunning, NotRunningError),
+    (errors.InvalidState, InvalidStateError),
+    (errors.Busy, BusyError),
+    (errors.OperationTimeout, TimeoutError_),
+    (errors.InvalidDefinition, InvalidDefinitionError),
+    (errors.StartFailed, StartFailedError),
+    (errors.SystemdError, SystemdErrorError),
+    (errors.QmpError, QmpErrorError),
+)
+
+
+def to_bus_error(exc: BaseException) -> DbusFailedError:
+    """The error a client sees for ``exc``: a specific name, a message for a person."""
+    if isinstance(exc, DbusFailedError) and exc.dbus_error_name.startswith(ERROR_PREFIX):
+        return exc
+    for core_type, bus_type in _ERROR_MAP:
+        if isinstance(exc, core_type):
+            return bus_type(str(exc) or core_type.__name__)
+    if isinstance(exc, errors.SvmError):
+        return FailedError(str(exc) or type(exc).__name__)
+    if isinstance(exc, OSError):
+        return FailedError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+    log.error("internal error in a D-Bus call", exc_info=exc)
+    return FailedError(f"internal error ({type(exc).__name__}: {exc}); see the daemon's journal")
+
+
+async def _translated(operation: Awaitable[T]) -> T:
+    """Await ``operation``; whatever it raises leaves as an org.supervisordvm1.Error.*."""
+    try:
+        return await operation
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise to_bus_error(exc) from exc
+
+
+# --- who is calling -------------------------------------------------------------------------
+
+
+class _DBusDaemon(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus"):
+    """Just enough of the bus driver to learn a caller's credentials."""
+
+    @dbus_method_async("s", "a{sv}", method_name="GetConnectionCredentials")
+    async def get_connection_credentials(self, bus_name: str) -> dict[str, tuple[str, Any]]:
+        raise NotImplementedError
+
+
+def _admin_gid() -> int | None:
+    try:
+        return grp.getgrnam(ADMIN_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _user_groups(uid: int) -> set[int]:
+    """Supplementary and primary groups of ``uid`` from the user database (fallback path)."""
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return set()
+    return {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
+
+
+class Authorizer:
+    """Decides who may change things: root and members of group supervisord-vm.
+
+    The credentials come from the bus driver (GetConnectionCredentials): the uid, pid and the
+    groups the caller's process had when it connected — the kernel's view, not a claim.
+    """
+
+    def __init__(self, bus: SdBus) -> None:
+        self._driver = _DBusDaemon.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", bus)
+
+    async def caller(self) -> tuple[Caller, set[int] | None]:
+        sender = get_current_message().sender
+        if sender is None:  # a direct (peer-to-peer) connection: only root can have made it
+            return Caller(uid=0, pid=0), {0}
+        creds = await self._driver.get_connection_credentials(sender)
+        uid = int(creds["UnixUserID"][1])
+        pid = int(creds["ProcessID"][1]) if "ProcessID" in creds else 0
+        groups = {int(g) for g in creds["UnixGroupIDs"][1]} if "UnixGroupIDs" in creds else None
+        return Caller(uid=uid, pid=pid), groups
+
+    @staticmethod
+    def allowed(caller: Caller, groups: set[int] | None) -> bool:
+        if caller.uid == 0:
+            return True
+        gid = _admin_gid()
+        if gid is None:
+            return False
+        if groups is None:
+            groups = _user_groups(caller.uid)
+        return gid in groups
+
+
+def audit(caller: Caller, operation: str, target: str, result: str) -> None:
+    """One journal record per changing call: who, what, on which VM, and how it ended."""
+    journal.send(
+        f"audit: uid={caller.uid} pid={caller.pid} {operation}({target}): {result}",
+        logging.INFO if result == "ok" else logging.WARNING,
+        MESSAGE_ID=AUDIT_MESSAGE_ID,
+        SVM_AUDIT_UID=caller.uid,
+        SVM_AUDIT_PID=caller.pid,
+        SVM_AUDIT_OPERATION=operation,
+        SVM_AUDIT_RESULT=result,
+        VM_NAME=target or None,
+    )
+
+
+def parse_signal(text: str) -> int:
+    """'15', 'TERM' or 'SIGTERM' -> 15; InvalidArgument for anything else."""
+    spec = text.strip().upper()
+    if spec.isdigit():
+        number = int(spec)
+        if number in {int(s) for s in signal.Signals}:
+            return number
+    else:
+        name = spec if spec.startswith("SIG") else "SIG" + spec
+        with contextlib.suppress(KeyError):
+            return int(signal.Signals[name])
+    raise InvalidArgumentError(f"unknown signal {text!r} (use a number or a name like SIGTERM)")
+
+
+def parse_mode(text: str) -> DestroyMode:
+    try:
+        return DestroyMode(text or "default")
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown destroy mode {text!r} (use default, graceful or force)"
+        ) from None
+
+
+def parse_timeout(seconds: float, what: str) -> float | None:
+    """D-Bus has no optional arguments: 0 means "none given"."""
+    if not seconds >= 0:  # negative or NaN
+        raise InvalidArgumentError(f"{what} must be >= 0 seconds (0 = none), not {seconds}")
+    return seconds or None
+
+
+class _Service:
+    """What both object types share: the supervisor, authorization, audit, translation."""
+
+    def __init__(self, supervisor: Supervisor, authorizer: Authorizer) -> None:
+        self.supervisor = supervisor
+        self.authorizer = authorizer
+
+    async def change(
+        self, operation: str, target: str, action: Callable[[Caller], Awaitable[T]]
+    ) -> T:
+        """Authorize (auditing a refusal), run and translate one changing call."""
+        caller, groups = await _translated(self.authorizer.caller())
+        if not self.authorizer.allowed(caller, groups):
+            audit(caller, operation, target, "denied")
+            raise AccessDeniedError(
+                f"permission denied: {operation} needs root or membership in group "
+                f"{ADMIN_GROUP} (caller uid {caller.uid})"
+            )
+        # The core writes the audit record of every call it receives (it has the Caller);
+        # only refusals, which never reach it, are audited here.
+        try:
+            return await action(caller)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise to_bus_error(exc) from exc
+
+    async def read(self, action: Callable[[], T]) -> T:
+        """Run a read-only call (open to everyone) with error translation."""
+
+        async def run() -> T:
+            return action()
+
+        return await _translated(run())
+
+    def tail_log(self, name: str, lines: int) -> str:
+        path = self.supervisor.log_path(name)
+        try:
+            with path.open("rb") as stream:
+                stream.seek(0, 2)
+                size = stream.tell()
+                stream.seek(max(0, size - LOG_TAIL_LIMIT))
+                data = stream.read()
+        except FileNotFoundError:
+            return ""
+        text = data.decode("utf-8", "replace")
+        if lines:
+            text = "".join(text.splitlines(keepends=True)[-lines:])
+        return text
+
+
+# --- the per-VM object ------------------------------------------------------------------------
+
+_EMITS = DbusPropertyEmitsChangeFlag
+
+
+class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
+    """One VM. Properties mirror the supervisor's MachineInfo and announce their changes."""
+
+    def __init__(self, service: _Service, info: MachineInfo) -> None:
+        super().__init__()
+        self._service = service
+        self._info = info
+        self.path = machine_path(info.name)
+        self._handle: DbusExportHandle | None = None
+
+    def export(self, bus: SdBus) -> None:
+        self._handle = self.export_to_dbus(self.path, bus)
+
+    def unexport(self) -> None:
+        if self._handle is not None:
+            self._handle.stop()
+            self._handle = None
+
+    def _values(self, info: MachineInfo) -> dict[str, tuple[str, object]]:
+        return {
+            "State": ("s", str(info.state)),
+            "Reason": ("s", str(info.reason)),
+            "Unit": ("s", info.unit),
+            "MainPID": ("u", info.pid),
+            "StopTimeout": ("u", info.stop_timeout),
+            "Transient": ("b", info.transient),
+            "Autostart": ("b", info.autostart),
+            "Restart": ("s", info.restart),
+            "ExitResult": ("s", info.exit.result),
+            "ExitStatus": ("i", -1 if info.exit.exit_status is None else info.exit.exit_status),
+            "ExitSignal": ("i", info.exit.exit_signal or 0),
+            "ExitTime": ("d", info.exit.time),
+        }
+
+    def update(self, info: MachineInfo) -> None:
+        """Take a new snapshot; one PropertiesChanged names everything that differs."""
+        old = self._values(self._info)
+        new = self._values(info)
+        self._info = info
+        changed = {key: value for key, value in new.items() if old[key] != value}
+        if changed and self._handle is not None:
+            self.properties_changed.emit((MACHINE_INTERFACE, changed, []))
+
+    # Properties: getters read the cached snapshot only, so they can never fail.
+    @dbus_property_async("s", property_name="Name")
+    def name(self) -> str:
+        return self._info.name
+
+    @dbus_property_async("s", flags=_EMITS, property_name="State")
+    def state(self) -> str:
+        """shutoff, starting, running, paused or stopping."""
+        return str(self._info.state)
+
+    @dbus_property_async("s", flags=_EMITS, property_name="Reason")
+    def reason(self) -> str:
+        """Why the VM is shut off: shutdown, destroyed, stopped-externally, crashed, ..."""
+        return str(self._info.reason)
+
+    @dbus_property_async("s", flags=_EMITS, property_name="Unit")
+    def unit(self) -> str:
+        return self._info.unit
+
+    @dbus_property_async("u", flags=_EMITS, property_name="MainPID")
+    def main_pid(self) -> int:
+        return self._info.pid
+
+    @dbus_property_async("u", flags=_EMITS, property_name="StopTimeout")
+    def stop_timeout(self) -> int:
+        return self._info.stop_timeout
+
+    @dbus_property_async("b", flags=_EMITS, property_name="Transient")
+    def transient(self) -> bool:
+        return self._info.transient
+
+    @dbus_property_async("b", flags=_EMITS, property_name="Autostart")
+    def autostart(self) -> bool:
+        return self._info.autostart
+
+    @dbus_property_async("s", flags=_EMITS, property_name="Restart")
+    def restart(self) -> str:
+        return self._info.restart
+
+    @dbus_property_async("s", flags=_EMITS, property_name="ExitResult")
+    def exit_result(self) -> str:
+        return self._info.exit.result
+
+    @dbus_property_async("i", flags=_EMITS, property_name="ExitStatus")
+    def exit_status(self) -> int:
+        status = self._info.exit.exit_status
+        return -1 if status is None else status
+
+    @dbus_property_async("i", flags=_EMITS, property_name="ExitSignal")
+    def exit_signal(self) -> int:
+        return self._info.exit.exit_signal or 0
+
+    @dbus_property_async("d", flags=_EMITS, property_name="ExitTime")
+    def exit_time(self) -> float:
+        return self._info.exit.time
+
+    # Convenience methods: the same operations as the Manager's, on this VM.
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Start")
+    async def start(self) -> None:
+        name = self._info.name
+        await self._service.change("Start", name, lambda c: self._service.supervisor.start(name, c))
+
+    @dbus_method_async("db", flags=DbusUnprivilegedFlag, method_name="Shutdown")
+    async def shutdown(self, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
+        name, limit = self._info.name, parse_timeout(timeout, "timeout")
+        await self._service.change(
+            "Shutdown",
+            name,
+            lambda c: self._service.supervisor.shutdown(name, limit, then_destroy, c),
+        )
+
+    @dbus_method_async("sd", flags=DbusUnprivilegedFlag, method_name="Destroy")
+    async def destroy(self, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
+        name, how = self._info.name, parse_mode(mode)
+        limit = parse_timeout(timeout, "timeout")
+        await self._service.change(
+            "Destroy", name, lambda c: self._service.supervisor.destroy(name, how, limit, c)
+        )
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Kill")
+    async def kill(self, signal_name: str) -> None:
+        name, number = self._info.name, parse_signal(signal_name)
+        await self._service.change(
+            "Kill", name, lambda c: self._service.supervisor.kill(name, number, c)
+        )
+
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reboot")
+    async def reboot(self) -> None:
+        name = self._info.name
+        await self._service.change(
+            "Reboot", name, lambda c: self._service.supervisor.reboot(name, c)
+        )
+
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reset")
+    async def reset(self) -> None:
+        name = self._info.name
+        await self._service.change("Reset", name, lambda c: self._service.supervisor.reset(name, c))
+
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Pause")
+    async def pause(self) -> None:
+        name = self._info.name
+        await self._service.change("Pause", name, lambda c: self._service.supervisor.pause(name, c))
+
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Resume")
+    async def resume(self) -> None:
+        name = self._info.name
+        await self._service.change(
+            "Resume", name, lambda c: self._service.supervisor.resume(name, c)
+        )
+
+    @dbus_method_async(result_signature="s", method_name="GetDefinition")
+    async def get_definition(self) -> str:
+        name = self._info.name
+        return await self._service.read(lambda: self._service.supervisor.definition_toml(name))
+
+
+# --- the manager ----------------------------------------------------------------------------
+
+MachineRow = tuple[str, str, str, str, int, str]
+EventRow = tuple[float, str, str, str, str]
+
+
+class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
+    """All VMs by name; lifecycle signals; reload and host-shutdown entry points."""
+
+    def __init__(
+        self,
+        service: _Service,
+        objects: MachineRegistry,
+        on_reload: Callable[[Caller], Awaitable[tuple[list[str], ...]]],
+    ) -> None:
+        super().__init__()
+        self._service = service
+        self._objects = objects
+        self._on_reload = on_reload
+
+    @property
+    def _sup(self) -> Supervisor:
+        return self._service.supervisor
+
+    async def _changed(
+        self, operation: str, name: str, action: Callable[[Caller], Awaitable[T]]
+    ) -> T:
+        result = await self._service.change(operation, name, action)
+        self._objects.sync()
+        return result
+
+    @dbus_method_async(
+        result_signature="a(ssssuo)", result_args_names=("machines",), method_name="ListMachines"
+    )
+    async def list_machines(self) -> list[MachineRow]:
+        """Every VM: name, state, reason, unit, main PID (0 if none), object path."""
+        infos = await self._service.read(self._sup.list_machines)
+        return [
+            (i.name, str(i.state), str(i.reason), i.unit, i.pid, machine_path(i.name))
+            for i in infos
+        ]
+
+    @dbus_method_async("s", "o", result_args_names=("path",), method_name="GetMachine")
+    async def get_machine(self, name: str) -> str:
+        info = await self._service.read(lambda: self._sup.get_machine(name))
+        return self._objects.ensure(info).path
+
+    @dbus_method_async("s", "s", result_args_names=("definition",), method_name="GetDefinition")
+    async def get_definition(self, name: str) -> str:
+        """The VM's definition as TOML."""
+        return await self._service.read(lambda: self._sup.definition_toml(name))
+
+    @dbus_method_async(
+        "s", "o", flags=DbusUnprivilegedFlag, result_args_names=("path",), method_name="Define"
+    )
+    async def define(self, definition: str) -> str:
+        """Store a definition (TOML) in the definitions directory; replaces one of that name."""
+        info = await self._changed("Define", "", lambda c: self._sup.define(definition, c))
+        return self._objects.ensure(info).path
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Undefine")
+    async def undefine(self, name: str) -> None:
+        await self._changed("Undefine", name, lambda c: self._sup.undefine(name, c))
+
+    @dbus_method_async(
+        "s", "o", flags=DbusUnprivilegedFlag, result_args_names=("path",), method_name="Create"
+    )
+    async def create(self, definition: str) -> str:
+        """Start a transient VM from a definition (TOML); it is forgotten when it stops."""
+        info = await self._changed("Create", "", lambda c: self._sup.create(definition, c))
+        return self._objects.ensure(info).path
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Start")
+    async def start(self, name: str) -> None:
+        await self._changed("Start", name, lambda c: self._sup.start(name, c))
+
+    @dbus_method_async("sdb", flags=DbusUnprivilegedFlag, method_name="Shutdown")
+    async def shutdown(self, name: str, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
+        """ACPI power button; wait until off (timeout 0 = no limit); then_destroy after it."""
+        limit = parse_timeout(timeout, "timeout")
+        await self._changed(
+            "Shutdown", name, lambda c: self._sup.shutdown(name, limit, then_destroy, c)
+        )
+
+    @dbus_method_async("ssd", flags=DbusUnprivilegedFlag, method_name="Destroy")
+    async def destroy(self, name: str, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
+        """mode default|graceful|force; timeout 0 = the VM's stop timeout."""
+        how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
+        await self._changed("Destroy", name, lambda c: self._sup.destroy(name, how, limit, c))
+
+    @dbus_method_async("ss", flags=DbusUnprivilegedFlag, method_name="Kill")
+    async def kill(self, name: str, signal_name: str) -> None:
+        """Send a signal (number or name) to every process of the VM's scope."""
+        number = parse_signal(signal_name)
+        await self._changed("Kill", name, lambda c: self._sup.kill(name, number, c))
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reboot")
+    async def reboot(self, name: str) -> None:
+        await self._changed("Reboot", name, lambda c: self._sup.reboot(name, c))
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reset")
+    async def reset(self, name: str) -> None:
+        await self._changed("Reset", name, lambda c: self._sup.reset(name, c))
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Pause")
+    async def pause(self, name: str) -> None:
+        await self._changed("Pause", name, lambda c: self._sup.pause(name, c))
+
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Resume")
+    async def resume(self, name: str) -> None:
+        await self._changed("Resume", name, lambda c: self._sup.resume(name, c))
+
+    @dbus_method_async(
+        result_signature="asasasas",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("added", "removed", "changed", "errors"),
+        method_name="Reload",
+    )
+    async def reload(self) -> tuple[list[str], ...]:
+        """Re-read the definitions directory (as SIGHUP does) and say what changed."""
+        return await self._changed("Reload", "", self._on_reload)
+
+    @dbus_method_async(
+        "du",
+        "a(ss)",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("results",),
+        method_name="ShutdownAll",
+    )
+    async def shutdown_all(self, timeout: float, parallel: int) -> list[tuple[str, str]]:  # noqa: ASYNC109 - an argument, not our deadline
+        """Host shutdown: ACPI to every running VM, `parallel` at a time (0 = all), destroy
+        what is still running after `timeout` seconds (0 = each VM's stop timeout)."""
+        limit = parse_timeout(timeout, "timeout")
+        results = await self._changed(
+            "ShutdownAll", "", lambda c: shutdown_all(self._sup, limit, parallel, c)
+        )
+        return sorted(results.items())
+
+    @dbus_method_async("s", "a(dssss)", result_args_names=("events",), method_name="GetEvents")
+    async def get_events(self, name: str) -> list[EventRow]:
+        """Recent lifecycle events (a bounded ring) of one VM, or of all for ''."""
+        if name:
+            await self._service.read(lambda: self._sup.get_machine(name))
+        events = await self._service.read(lambda: self._sup.recent_events(name or None))
+        return [event_row(e) for e in events]
+
+    @dbus_method_async(
+        "su", "s", flags=DbusUnprivilegedFlag, result_args_names=("text",), method_name="GetLog"
+    )
+    async def get_log(self, name: str, lines: int) -> str:
+        """The end of QEMU's own output for a VM (0 lines = as much as is kept). Privileged:
+        the output may carry guest console text."""
+
+        async def tail(_caller: Caller) -> str:
+            self._sup.get_machine(name)
+            return self._service.tail_log(name, lines)
+
+        return await self._service.change("GetLog", name, tail)
+
+    @dbus_signal_async(
+        "dssss", ("time", "name", "event", "state", "reason"), signal_name="MachineEvent"
+    )
+    def machine_event(self) -> EventRow:
+        raise NotImplementedError
+
+    @dbus_signal_async("so", ("name", "path"), signal_name="MachineNew")
+    def machine_new(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    @dbus_signal_async("so", ("name", "path"), signal_name="MachineRemoved")
+    def machine_removed(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+def event_row(event: MachineEvent) -> EventRow:
+    return (event.time, event.name, str(event.event), str(event.state), str(event.reason))
+
+
+class MachineRegistry:
+    """Keeps exactly one exported MachineObject per VM the supervisor knows.
+
+    The objects must stay referenced while exported (sdbus drops unreferenced ones), so this
+    dict is their owner.
+    """
+
+    def __init__(self, bus: SdBus, service: _Service) -> None:
+        self._bus = bus
+        self._service = service
+        self._objects: dict[str, MachineObject] = {}
+        self.manager: ManagerObject | None = None
+
+    def ensure(self, info: MachineInfo) -> MachineObject:
+        obj = self._objects.get(info.name)
+        if obj is None:
+            obj = MachineObject(self._service, info)
+            obj.export(self._bus)
+            self._objects[info.name] = obj
+            if self.manager is not None:
+                self.manager.machine_new.emit((info.name, obj.path))
+        else:
+            obj.update(info)
+        return obj
+
+    def sync(self) -> None:
+        """Bring the objects in line with the supervisor: add, update, remove."""
+        infos = {info.name: info for info in self._service.supervisor.list_machines()}
+        for name in list(self._objects):
+            if name not in infos:
+                obj = self._objects.pop(name)
+                obj.unexport()
+                if self.manager is not None:
+                    self.manager.machine_removed.emit((name, obj.path))
+        for info in infos.values():
+            self.ensure(info)
+
+    def close(self) -> None:
+        for obj in self._objects.values():
+            obj.unexport()
+        self._objects.clear()
+
+
+class BusService:
+    """Exports the Manager and the VM objects and forwards the supervisor's events."""
+
+    def __init__(
+        self,
+        bus: SdBus,
+        supervisor: Supervisor,
+        on_reload: Callable[[Caller], Awaitable[tuple[list[str], ...]]],
+    ) -> None:
+        self._bus = bus
+        self._service = _Service(supervisor, Authorizer(bus))
+        self.registry = MachineRegistry(bus, self._service)
+        self.manager = ManagerObject(self._service, self.registry, on_reload)
+        self.registry.manager = self.manager
+        self._manager_handle: DbusExportHandle | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def export(self) -> None:
+        """Export everything; call before taking the bus name so no caller finds it empty."""
+        self._manager_handle = self.manager.export_to_dbus(MANAGER_PATH, self._bus)
+        self.registry.sync()
+        self._unsubscribe = self._service.supervisor.subscribe(self._on_event)
+
+    def _on_event(self, event: MachineEvent) -> None:
+        try:
+            self.registry.sync()
+            self.manager.machine_event.emit(event_row(event))
+        except Exception:
+            log.exception("could not publish event %s of %s", event.event, event.name)
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.registry.close()
+        if self._manager_handle is not None:
+            self._manager_handle.stop()
+            self._manager_handle = None

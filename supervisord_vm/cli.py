@@ -1,0 +1,565 @@
+"""svmctl: the command line for supervisord-vm, a thin client of org.supervisordvm1.
+
+It only speaks D-Bus: every command is one or a few method calls; answers become tables or JSON,
+D-Bus error names become exit codes (0 ok, 1 other, 2 usage, 3 busy, 4 no such VM, 5 timeout,
+6 permission denied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
+from sdbus.sd_bus_internals import SdBusUnmappedMessageError
+
+from supervisord_vm.bus import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MACHINE_INTERFACE,
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 3
+EXIT_NO_SUCH_MACHINE = 4
+EXIT_TIMEOUT = 5
+EXIT_ACCESS_DENIED = 6
+
+EXIT_CODES = {
+    ERROR_PREFIX + "Busy": EXIT_BUSY,
+    ERROR_PREFIX + "NoSuchMachine": EXIT_NO_SUCH_MACHINE,
+    ERROR_PREFIX + "Timeout": EXIT_TIMEOUT,
+    ERROR_PREFIX + "AccessDenied": EXIT_ACCESS_DENIED,
+    "org.freedesktop.DBus.Error.AccessDenied": EXIT_ACCESS_DENIED,
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": EXIT_ACCESS_DENIED,
+}
+NOT_RUNNING_ERRORS = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.systemd1.NoSuchUnit",
+    "org.freedesktop.systemd1.UnitMasked",
+}
+NOT_RUNNING_HINT = "daemon not running: systemctl start supervisord-vm"
+# sd-bus gives up on a reply after 25 s by default; shutdown and destroy may legitimately take
+# longer (the caller chooses the timeout), so let the daemon decide when a call ends.
+CALL_TIMEOUT = "7d"
+
+STATUS_KEYS = (
+    "name",
+    "state",
+    "reason",
+    "unit",
+    "pid",
+    "transient",
+    "autostart",
+    "restart",
+    "stop_timeout",
+    "exit_result",
+    "exit_status",
+    "exit_signal",
+    "exit_time",
+    "path",
+)
+_PROPERTY_OF_KEY = {
+    "name": "Name",
+    "state": "State",
+    "reason": "Reason",
+    "unit": "Unit",
+    "pid": "MainPID",
+    "transient": "Transient",
+    "autostart": "Autostart",
+    "restart": "Restart",
+    "stop_timeout": "StopTimeout",
+    "exit_result": "ExitResult",
+    "exit_status": "ExitStatus",
+    "exit_signal": "ExitSignal",
+    "exit_time": "ExitTime",
+}
+
+
+class CommandError(Exception):
+    """A failure to report as 'svmctl: MESSAGE' with exit code ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _error_name_and_text(exc: SdBusBaseError) -> tuple[str, str]:
+    name = getattr(exc, "dbus_error_name", "")
+    if isinstance(exc, SdBusUnmappedMessageError) and len(exc.args) >= 2:
+        return str(exc.args[0]), str(exc.args[1])
+    text = str(exc.args[0]) if exc.args else ""
+    return str(name), text
+
+
+def _translate(exc: SdBusBaseError) -> CommandError:
+    name, text = _error_name_and_text(exc)
+    if name in NOT_RUNNING_ERRORS:
+        return CommandError(f"{NOT_RUNNING_HINT} ({text or name})")
+    if name == "org.freedesktop.DBus.Error.AccessDenied":
+        text = f"permission denied: {text}" if text else "permission denied"
+    if name == "org.freedesktop.DBus.Error.NoReply":
+        text = f"no reply from supervisord-vm ({text})"
+    return CommandError(text or name or type(exc).__name__, EXIT_CODES.get(name, EXIT_FAILURE))
+
+
+class Client:
+    """Method calls on org.supervisordvm1 through a system bus connection."""
+
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+
+    async def call(
+        self, path: str, interface: str, method: str, signature: str = "", *args: Any
+    ) -> Any:
+        message = self.bus.new_method_call_message(BUS_NAME, path, interface, method)
+        if signature:
+            message.append_data(signature, *args)
+        try:
+            reply = await self.bus.call_async(message)
+        except SdBusBaseError as exc:
+            raise _translate(exc) from None
+        return reply.get_contents()
+
+    async def manager(self, method: str, signature: str = "", *args: Any) -> Any:
+        return await self.call(MANAGER_PATH, MANAGER_INTERFACE, method, signature, *args)
+
+    async def status(self, name: str) -> dict[str, Any]:
+        path = await self.manager("GetMachine", "s", name)
+        props = await self.call(
+            path, "org.freedesktop.DBus.Properties", "GetAll", "s", MACHINE_INTERFACE
+        )
+        status: dict[str, Any] = {key: props[prop][1] for key, prop in _PROPERTY_OF_KEY.items()}
+        status["path"] = path
+        return status
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [list(headers), *[[str(c) if c not in ("", None) else "-" for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) + (
+        f".{int(timestamp * 1000) % 1000:03d}"
+    )
+
+
+def _event_dict(row: Sequence[Any]) -> dict[str, Any]:
+    time_, name, event, state, reason = row
+    return {"time": time_, "name": name, "event": event, "state": state, "reason": reason}
+
+
+def _print_event(row: Sequence[Any], as_json: bool) -> None:
+    event = _event_dict(row)
+    if as_json:
+        print(json.dumps(event), flush=True)
+    else:
+        reason = f" ({event['reason']})" if event["reason"] else ""
+        print(
+            f"{_when(event['time'])}  {event['name']}  {event['event']}  {event['state']}{reason}",
+            flush=True,
+        )
+
+
+def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({key: status[key] for key in STATUS_KEYS}))
+        return
+    exit_parts = [status["exit_result"] or ""]
+    if status["exit_status"] >= 0:
+        exit_parts.append(f"status={status['exit_status']}")
+    if status["exit_signal"]:
+        exit_parts.append(f"signal={signal.Signals(status['exit_signal']).name}")
+    lines = [
+        ("Name", status["name"]),
+        ("State", status["state"] + (f" ({status['reason']})" if status["reason"] else "")),
+        ("Unit", status["unit"] or "-"),
+        ("Main PID", status["pid"] or "-"),
+        ("Transient", "yes" if status["transient"] else "no"),
+        ("Autostart", "yes" if status["autostart"] else "no"),
+        ("Restart", status["restart"]),
+        ("Stop timeout", f"{status['stop_timeout']}s"),
+        ("Last exit", " ".join(p for p in exit_parts if p) or "-"),
+        ("Exited at", _when(status["exit_time"])),
+    ]
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"{label.rjust(width)}: {value}")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    rows = await client.manager("ListMachines")
+    statuses = []
+    for name, state, *_ in sorted(rows):
+        if not args.all and state == "shutoff":
+            continue
+        try:
+            statuses.append(await client.status(name))
+        except CommandError as exc:
+            if exc.code != EXIT_NO_SUCH_MACHINE:  # gone meanwhile: not worth failing the list
+                raise
+    if args.json:
+        print(json.dumps([{key: s[key] for key in STATUS_KEYS} for s in statuses]))
+        return EXIT_OK
+    print(
+        _table(
+            [
+                (s["name"], s["state"], s["reason"], s["pid"] or "", s["unit"], s["autostart"])
+                for s in statuses
+            ],
+            ("NAME", "STATE", "REASON", "PID", "UNIT", "AUTOSTART"),
+        )
+    )
+    return EXIT_OK
+
+
+async def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    _print_status(await client.status(args.name), args.json)
+    return EXIT_OK
+
+
+def _read_definition(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+
+
+async def _report(client: Client, args: argparse.Namespace, name: str, verb: str) -> int:
+    """After a changing command: the VM's status as JSON, or one line for a person."""
+    if args.json:
+        try:
+            print(json.dumps({k: v for k, v in (await client.status(name)).items()}))
+        except CommandError:
+            print(json.dumps({"name": name, "result": verb}))
+    else:
+        print(f"{name}: {verb}")
+    return EXIT_OK
+
+
+async def cmd_define(client: Client, args: argparse.Namespace) -> int:
+    path = await client.manager("Define", "s", _read_definition(args.file))
+    name = (
+        await client.call(
+            path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
+        )
+    )[1]
+    return await _report(client, args, name, "defined")
+
+
+async def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    path = await client.manager("Create", "s", _read_definition(args.file))
+    name = (
+        await client.call(
+            path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
+        )
+    )[1]
+    return await _report(client, args, name, "created and started")
+
+
+async def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
+    await client.manager("Undefine", "s", args.name)
+    if args.json:
+        print(json.dumps({"name": args.name, "result": "undefined"}))
+    else:
+        print(f"{args.name}: undefined")
+    return EXIT_OK
+
+
+def _simple(
+    method: str, verb: str
+) -> Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]]:
+    async def command(client: Client, args: argparse.Namespace) -> int:
+        await client.manager(method, "s", args.name)
+        return await _report(client, args, args.name, verb)
+
+    return command
+
+
+async def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
+    await client.manager("Shutdown", "sdb", args.name, args.timeout or 0.0, args.then_destroy)
+    return await _report(client, args, args.name, "shut down")
+
+
+async def cmd_destroy(client: Client, args: argparse.Namespace) -> int:
+    mode = "graceful" if args.graceful else "force" if args.force else "default"
+    await client.manager("Destroy", "ssd", args.name, mode, args.timeout or 0.0)
+    return await _report(client, args, args.name, "destroyed")
+
+
+async def cmd_kill(client: Client, args: argparse.Namespace) -> int:
+    await client.manager("Kill", "ss", args.name, args.signal)
+    return await _report(client, args, args.name, f"sent {args.signal}")
+
+
+async def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    added, removed, changed, errors = await client.manager("Reload")
+    if args.json:
+        print(
+            json.dumps({"added": added, "removed": removed, "changed": changed, "errors": errors})
+        )
+    else:
+        for label, names in (("added", added), ("removed", removed), ("changed", changed)):
+            print(f"{label}: {', '.join(names) if names else '-'}")
+        for problem in errors:
+            print(f"error: {problem}")
+    return EXIT_FAILURE if errors else EXIT_OK
+
+
+async def cmd_shutdown_all(client: Client, args: argparse.Namespace) -> int:
+    results = await client.manager("ShutdownAll", "du", args.timeout or 0.0, args.parallel)
+    if args.json:
+        print(json.dumps({name: outcome for name, outcome in results}))
+    else:
+        for name, outcome in results:
+            print(f"{name}: {outcome}")
+    return EXIT_FAILURE if any(o.startswith("error") for _, o in results) else EXIT_OK
+
+
+async def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    slot = None
+    if args.follow:
+
+        def on_signal(message: Any) -> None:
+            queue.put_nowait(tuple(message.get_contents()))
+
+        slot = await client.bus.match_signal_async(
+            BUS_NAME, MANAGER_PATH, MANAGER_INTERFACE, "MachineEvent", on_signal
+        )
+    try:
+        history = await client.manager("GetEvents", "s", args.name or "")
+        seen = set()
+        for row in history:
+            seen.add(tuple(row))
+            _print_event(row, args.json)
+        while args.follow:
+            row = await queue.get()
+            if row in seen or (args.name and row[1] != args.name):
+                continue
+            _print_event(row, args.json)
+    finally:
+        if slot is not None:
+            slot.close()
+    return EXIT_OK
+
+
+async def cmd_log(client: Client, args: argparse.Namespace) -> int:
+    text = await client.manager("GetLog", "su", args.name, args.lines)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+# --- argument parsing --------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svmctl",
+        description="Control QEMU VMs supervised by supervisord-vm (over D-Bus).",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 busy, 4 no such VM, 5 timed out, "
+        "6 permission denied.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, handler: Any, *, needs_name: bool = True) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print JSON instead of tables",
+        )
+        if needs_name:
+            p.add_argument("name", metavar="NAME", help="the VM's name")
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(
+        "list", "List VMs (running ones; --all for every defined VM).", cmd_list, needs_name=False
+    )
+    p.add_argument("--all", action="store_true", help="include shut-off VMs")
+    command("status", "Show one VM's state, reason, unit, PID and settings.", cmd_status)
+    p = command(
+        "define",
+        "Store a definition file (TOML) in the definitions directory.",
+        cmd_define,
+        needs_name=False,
+    )
+    p.add_argument("file", metavar="FILE", help="definition file, or - for standard input")
+    command("undefine", "Remove a VM's definition (the VM must be shut off).", cmd_undefine)
+    p = command(
+        "create",
+        "Start a transient VM from a definition file; forgotten when it stops.",
+        cmd_create,
+        needs_name=False,
+    )
+    p.add_argument("file", metavar="FILE", help="definition file, or - for standard input")
+    command("start", "Start a defined VM.", _simple("Start", "started"))
+    p = command(
+        "shutdown", "Press the ACPI power button and wait until the guest is off.", cmd_shutdown
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        help="give up after S seconds (exit 5, VM still running)",
+    )
+    p.add_argument(
+        "--then-destroy",
+        action="store_true",
+        help="destroy the VM if it is still running after the timeout",
+    )
+    p = command(
+        "destroy",
+        "Stop a VM now: SIGTERM, SIGKILL after its stop timeout (like systemctl stop).",
+        cmd_destroy,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--graceful",
+        action="store_true",
+        help="SIGTERM only; exit 3 (busy) if QEMU is still running after the timeout",
+    )
+    mode.add_argument("--force", action="store_true", help="SIGKILL at once")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        help="how long to wait (default: the VM's stop timeout)",
+    )
+    p = command("kill", "Send a signal to every process of the VM's scope.", cmd_kill)
+    p.add_argument(
+        "--signal",
+        "-s",
+        default="SIGTERM",
+        metavar="SIG",
+        help="signal name or number (default SIGTERM)",
+    )
+    command("reboot", "Reboot the guest (ACPI where possible).", _simple("Reboot", "rebooting"))
+    command("reset", "Hard-reset the VM (like the reset button).", _simple("Reset", "reset"))
+    command("pause", "Pause the VM's CPUs.", _simple("Pause", "paused"))
+    command("resume", "Resume a paused VM.", _simple("Resume", "resumed"))
+    p = command(
+        "events",
+        "Show recent lifecycle events; --follow to keep printing new ones.",
+        cmd_events,
+        needs_name=False,
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this VM's events")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing events as they happen"
+    )
+    p = command("log", "Show QEMU's own output for a VM.", cmd_log)
+    p.add_argument(
+        "--lines",
+        "-n",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the last N lines (default: all that is kept)",
+    )
+    command(
+        "reload",
+        "Re-read the definitions directory and report what changed.",
+        cmd_reload,
+        needs_name=False,
+    )
+    p = command(
+        "shutdown-all",
+        "Shut every running VM down in parallel, destroying those that "
+        "do not power off in time (host shutdown).",
+        cmd_shutdown_all,
+        needs_name=False,
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        help="seconds each VM gets to power off (default: its stop timeout)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N VMs at a time (default 0: all at once)",
+    )
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", CALL_TIMEOUT)
+    try:
+        bus = sd_bus_open_system()
+    except SdBusBaseError as exc:
+        raise CommandError(f"cannot connect to the system bus: {exc}") from None
+    try:
+        handler = args.handler
+        result: int = await handler(Client(bus), args)
+        return result
+    finally:
+        bus.close()
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"svmctl: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except CommandError as exc:
+        _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""supervisord-vm: the process systemd runs — asyncio loop, bus name, sd_notify, signals.
+
+Order of start-up matters: take the single-instance lock, let the supervisor reattach to running
+VMs, export the D-Bus objects, take the bus name, and only then tell systemd READY=1 — so a
+client that finds the name always finds a complete and current daemon. SIGTERM stops the daemon
+and nothing else: VMs live in their own scopes and keep running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar, TextIO
+
+import sdnotify
+from sdbus import SdBus, sd_bus_open_system
+from sdbus.sd_bus_internals import SdBusRequestNameError
+
+from supervisord_vm.bus import BUS_NAME, BusService
+from supervisord_vm.model import Caller
+from supervisord_vm.store import Paths
+from supervisord_vm.supervisor import Supervisor
+from supervisord_vm.systemd import Systemd
+
+log = logging.getLogger("supervisord_vm")
+
+LOCK_NAME = "supervisord-vm.lock"
+EXIT_ALREADY_RUNNING = 3  # an LSB "not running"-style code; Restart=on-failure would retry
+
+
+class AlreadyRunning(Exception):
+    """Another supervisord-vm holds the lock or the bus name."""
+
+
+class Notifier:
+    """sd_notify, only when systemd asked for it (NOTIFY_SOCKET set)."""
+
+    def __init__(self) -> None:
+        self._enabled = "NOTIFY_SOCKET" in os.environ
+        self._notifier = sdnotify.SystemdNotifier() if self._enabled else None
+        self._status = ""
+
+    def send(self, *lines: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify("\n".join(lines))
+
+    def status(self, text: str) -> None:
+        if text != self._status:
+            self._status = text
+            self.send(f"STATUS={text}")
+
+
+def watchdog_interval() -> float | None:
+    """Half of WatchdogSec, if systemd set a watchdog for this very process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 2_000_000, 0.01)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def single_instance(runtime_dir: Path) -> Iterator[None]:
+    """Hold an flock on RUNTIME_DIR/supervisord-vm.lock for the daemon's life."""
+    runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(runtime_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AlreadyRunning(
+                f"supervisord-vm is already running (PID {holder} holds "
+                f"{runtime_dir / LOCK_NAME}); use `systemctl status supervisord-vm`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Daemon:
+    """One running daemon: supervisor + bus service + systemd notification."""
+
+    def __init__(self, paths: Paths, slice_name: str) -> None:
+        self.paths = paths
+        self.slice_name = slice_name
+        self.notifier = Notifier()
+        self.stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.supervisor: Supervisor | None = None
+
+    async def reload(self, caller: Caller | None = None) -> tuple[list[str], ...]:
+        """RELOADING=1, re-read definitions, READY=1 — for SIGHUP and the Reload method."""
+        assert self.supervisor is not None
+        async with self._reload_lock:
+            self.notifier.send("RELOADING=1", "STATUS=reloading definitions")
+            try:
+                report = await self.supervisor.reload(caller)
+            finally:
+                self.notifier.send("READY=1", f"STATUS={self.supervisor.summary()}")
+        for problem in report.errors:
+            log.warning("reload: %s", problem)
+        log.info(
+            "reloaded: added %s, removed %s, changed %s, %d errors",
+            report.added,
+            report.removed,
+            report.changed,
+            len(report.errors),
+        )
+        return report.added, report.removed, report.changed, report.errors
+
+    def _spawn(self, coro: asyncio.Future[object] | object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_from_signal(self) -> None:
+        try:
+            await self.reload()
+        except Exception:
+            log.exception("reload failed")
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the loop itself: a stuck loop stops the pings and systemd restarts."""
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def run(self, bus: SdBus) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_from_signal()))
+        interval = watchdog_interval()
+        if interval is not None:
+            self._spawn(self._watchdog(interval))
+
+        self.notifier.status("reattaching to running VMs")
+        systemd = await Systemd.connect()
+        supervisor = Supervisor(self.paths, systemd, slice=self.slice_name)
+        self.supervisor = supervisor
+        service = BusService(bus, supervisor, self.reload)
+        try:
+            await supervisor.start_up()
+            service.export()
+            try:
+                await bus.request_name_async(BUS_NAME, 0)
+            except SdBusRequestNameError as exc:
+                raise AlreadyRunning(
+                    f"the bus name {BUS_NAME} is taken by another process "
+                    f"({type(exc).__name__}); is another supervisord-vm running?"
+                ) from None
+            unsubscribe = supervisor.subscribe(
+                lambda _event: self.notifier.status(supervisor.summary())
+            )
+            self.notifier.send("READY=1", f"STATUS={supervisor.summary()}")
+            log.info("ready: %s", supervisor.summary())
+            await self.stopping.wait()
+            unsubscribe()
+            log.info("stopping; VMs keep running in their scopes")
+            self.notifier.send("STOPPING=1", "STATUS=stopping (VMs keep running)")
+        finally:
+            service.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await supervisor.close()
+            await systemd.close()
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix <N> so journald stores each line with its syslog priority."""
+
+    _PRIORITY: ClassVar[dict[str, int]] = {
+        "DEBUG": 7,
+        "INFO": 6,
+        "WARNING": 4,
+        "ERROR": 3,
+        "CRITICAL": 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def _setup_logging(level: str, stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
+    if "JOURNAL_STREAM" in os.environ:
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = Paths()
+    parser = argparse.ArgumentParser(
+        prog="supervisord-vm",
+        description="Supervise QEMU VMs as transient systemd scopes (the system service; "
+        "run it with `systemctl start supervisord-vm`, control it with svmctl).",
+    )
+    parser.add_argument("--definitions-dir", type=Path, default=defaults.definitions_dir)
+    parser.add_argument("--state-dir", type=Path, default=defaults.state_dir)
+    parser.add_argument("--runtime-dir", type=Path, default=defaults.runtime_dir)
+    parser.add_argument("--log-dir", type=Path, default=defaults.log_dir)
+    parser.add_argument("--slice", default="machine.slice", help="slice for the VM scopes")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SVM_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args.log_level, sys.stderr)
+    paths = Paths(
+        definitions_dir=args.definitions_dir,
+        state_dir=args.state_dir,
+        runtime_dir=args.runtime_dir,
+        log_dir=args.log_dir,
+    )
+    try:
+        with single_instance(paths.runtime_dir):
+            daemon = Daemon(paths, args.slice)
+
+            async def run() -> None:
+                bus = sd_bus_open_system()
+                try:
+                    await daemon.run(bus)
+                finally:
+                    bus.close()
+
+            asyncio.run(run())
+    except AlreadyRunning as exc:
+        print(f"supervisord-vm: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except PermissionError as exc:
+        print(f"supervisord-vm: {exc} (the daemon must run as root)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Host-shutdown policy: power every running VM off in parallel, destroy the ones that ignore it.
+
+Kept apart from the bus so the policy (bounded parallelism, one deadline per VM, destroy after
+it) is plain core logic that a test or another front end can call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from supervisord_vm.errors import NotRunning, SvmError
+from supervisord_vm.model import Caller, State
+
+if TYPE_CHECKING:
+    from supervisord_vm.supervisor import Supervisor
+
+_ACTIVE = (State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING)
+
+
+async def shutdown_all(
+    supervisor: Supervisor,
+    timeout: float | None,  # noqa: ASYNC109 - each VM's own deadline, not ours
+    parallel: int,
+    caller: Caller | None = None,
+) -> dict[str, str]:
+    """Shut down every active VM; returns name -> outcome ("shutdown", "destroyed", "error: ...").
+
+    ``parallel`` VMs at a time (0 = all at once); each gets ``timeout`` seconds (None = its own
+    stop timeout) to power off after the ACPI button before it is destroyed.
+    """
+    names = [m.name for m in supervisor.list_machines() if m.state in _ACTIVE]
+    limit = asyncio.Semaphore(parallel if parallel > 0 else max(1, len(names)))
+    results: dict[str, str] = {}
+
+    async def one(name: str) -> None:
+        async with limit:
+            info = supervisor.get_machine(name)
+            wait = timeout if timeout is not None else float(info.stop_timeout)
+            try:
+                if info.state == State.PAUSED:
+                    await supervisor.resume(name, caller)
+                info = await supervisor.shutdown(name, wait, True, caller)
+            except NotRunning:
+                results[name] = "shutdown"
+                return
+            except SvmError as exc:
+                results[name] = f"error: {exc}"
+                return
+            results[name] = str(info.reason) or "shutdown"
+
+    await asyncio.gather(*(one(name) for name in names))
+    return results
