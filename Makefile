@@ -43,3 +43,99 @@ test-sandbox: venv
 	$(VENV)/bin/python -m tests.sandbox -- -q -p no:cacheprovider tests/unit tests/integration
 
 test: test-host test-sandbox
+
+# --- install / uninstall (issue 4) ------------------------------------------------------------
+# make install [DESTDIR=/staging] [PREFIX=/usr/local] [WHEELHOUSE=dir-of-wheels]
+# The service runs on Debian's /usr/bin/python3 in its own venv (PEP 668): $(LIBDIR)/venv holds
+# the package and its dependencies; the two commands are symlinked into $(BINDIR). D-Bus only
+# reads its policy and activation files from /usr/share, whatever the PREFIX.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib/supervisord-vm
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+DBUSPOLICYDIR ?= /usr/share/dbus-1/system.d
+DBUSSERVICEDIR ?= /usr/share/dbus-1/system-services
+DEFAULTDIR ?= /etc/default
+WHEELHOUSE ?=
+PIP_SOURCE = $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
+SYSTEMD_RUNNING = test -d /run/systemd/system
+INSTALLED_VENV = $(DESTDIR)$(LIBDIR)/venv
+
+.PHONY: install uninstall demo demo-inside demo-stop shell
+
+install:
+	test -x $(PYTHON) || { echo "install: $(PYTHON) is missing (apt-get install python3-venv)"; exit 1; }
+	rm -rf $(INSTALLED_VENV)
+	$(PYTHON) -m venv $(INSTALLED_VENV)
+	$(INSTALLED_VENV)/bin/pip install -q --disable-pip-version-check $(PIP_SOURCE) .
+	@# A venv built under DESTDIR must name its final location in its scripts.
+	if [ -n "$(DESTDIR)" ]; then \
+		grep -rlI -- '$(DESTDIR)' $(INSTALLED_VENV)/bin | xargs -r sed -i 's|$(DESTDIR)||g'; \
+	fi
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(TMPFILESDIR) \
+		$(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(DBUSSERVICEDIR) \
+		$(DESTDIR)$(DEFAULTDIR) $(DESTDIR)/etc/supervisord-vm/vms
+	ln -sfn $(LIBDIR)/venv/bin/svmctl $(DESTDIR)$(BINDIR)/svmctl
+	ln -sfn $(LIBDIR)/venv/bin/supervisord-vm $(DESTDIR)$(BINDIR)/supervisord-vm
+	for unit in supervisord-vm.service supervisord-vm-guests.service; do \
+		sed 's|@BINDIR@|$(BINDIR)|g' units/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
+	done
+	install -m 0644 units/supervisord-vm.tmpfiles $(DESTDIR)$(TMPFILESDIR)/supervisord-vm.conf
+	install -m 0644 units/supervisord-vm.sysusers $(DESTDIR)$(SYSUSERSDIR)/supervisord-vm.conf
+	install -m 0644 units/org.supervisordvm1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.supervisordvm1.conf
+	install -m 0644 units/org.supervisordvm1.service $(DESTDIR)$(DBUSSERVICEDIR)/org.supervisordvm1.service
+	test -e $(DESTDIR)$(DEFAULTDIR)/supervisord-vm || \
+		install -m 0644 units/supervisord-vm.default $(DESTDIR)$(DEFAULTDIR)/supervisord-vm
+	@# On the live system: group, directories, and make systemd and D-Bus see the new files.
+	if [ -z "$(DESTDIR)" ] && $(SYSTEMD_RUNNING); then \
+		systemd-sysusers $(SYSUSERSDIR)/supervisord-vm.conf && \
+		systemd-tmpfiles --create $(TMPFILESDIR)/supervisord-vm.conf && \
+		systemctl daemon-reload && \
+		busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig; \
+	fi
+	@echo "installed; start with: systemctl enable --now supervisord-vm.service supervisord-vm-guests.service"
+
+# Stops the daemon (VMs keep running in their scopes) and removes what install put in place;
+# definitions (/etc/supervisord-vm), state and logs stay, like `apt remove` without purge.
+uninstall:
+	if [ -z "$(DESTDIR)" ] && $(SYSTEMD_RUNNING); then \
+		systemctl disable --quiet supervisord-vm-guests.service supervisord-vm.service 2>/dev/null; \
+		systemctl stop supervisord-vm.service 2>/dev/null; \
+		systemctl stop --no-block --job-mode=replace-irreversibly supervisord-vm-guests.service 2>/dev/null; \
+		true; \
+	fi
+	rm -f $(DESTDIR)$(BINDIR)/svmctl $(DESTDIR)$(BINDIR)/supervisord-vm \
+		$(DESTDIR)$(UNITDIR)/supervisord-vm.service $(DESTDIR)$(UNITDIR)/supervisord-vm-guests.service \
+		$(DESTDIR)$(TMPFILESDIR)/supervisord-vm.conf $(DESTDIR)$(SYSUSERSDIR)/supervisord-vm.conf \
+		$(DESTDIR)$(DBUSPOLICYDIR)/org.supervisordvm1.conf \
+		$(DESTDIR)$(DBUSSERVICEDIR)/org.supervisordvm1.service
+	rm -rf $(DESTDIR)$(LIBDIR)
+	if [ -z "$(DESTDIR)" ] && $(SYSTEMD_RUNNING); then \
+		systemctl daemon-reload; \
+		busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig; \
+	fi
+	@echo "uninstalled; kept /etc/supervisord-vm, /etc/default/supervisord-vm, /var/lib/supervisord-vm, /var/log/supervisord-vm"
+
+# Quick start. With systemd as PID 1: install, start the service, run a demo VM. Without it
+# (containers, CI machines): the same inside a throwaway systemd-nspawn sandbox that stays up.
+demo: venv
+	@if [ "$$(cat /proc/1/comm)" = systemd ]; then \
+		$(MAKE) --no-print-directory demo-inside; \
+	else \
+		$(VENV)/bin/python -m tests.sandbox --keep --exec $(MAKE) -C $(CURDIR) --no-print-directory demo-inside; \
+	fi
+
+demo-inside: install
+	systemctl enable --now supervisord-vm.service supervisord-vm-guests.service
+	$(CURDIR)/$(VENV)/bin/python -c 'import sys; from pathlib import Path; \
+		from tests.guests import write_acpi_guest; write_acpi_guest(Path(sys.argv[1]))' \
+		/var/lib/supervisord-vm/images/demo.img
+	$(BINDIR)/svmctl define examples/demo.toml
+	$(BINDIR)/svmctl start demo
+	$(BINDIR)/svmctl list --all
+	$(BINDIR)/svmctl status demo
+	systemctl --no-pager status svm-demo.scope | head -n 8
