@@ -1,0 +1,478 @@
+"""The systemd adapter against real systemd, the system bus and QEMU (inside the sandbox).
+
+Every test cleans up by PID and unit name in `finally`: scopes are SIGKILLed, stopped and reset,
+processes killed and reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExists
+from supervisord_vm.qemu import QmpSession
+from supervisord_vm.systemd import (
+    ScopeProperties,
+    Systemd,
+    UnitEvent,
+    UnitStatus,
+    spawn_in_scope,
+)
+
+pytestmark = pytest.mark.integration
+
+QEMU = ["/usr/bin/qemu-system-x86_64", "-M", "pc", "-m", "16", "-nodefaults", "-display"]
+QEMU += ["none", "-accel", "tcg"]
+IGNORES_SIGTERM = ["/bin/sh", "-c", "trap '' TERM; exec sleep 600"]  # sleep inherits SIG_IGN
+EVENT_TIMEOUT = 15.0
+
+
+def new_unit() -> str:
+    return f"svm-t{uuid.uuid4().hex[:8]}.scope"
+
+
+def props(stop_timeout: float = 5) -> ScopeProperties:
+    return ScopeProperties(description="supervisord-vm test scope", stop_timeout=stop_timeout)
+
+
+class Events:
+    """Every unit event the adapter delivered, with waiting on a condition (no polling)."""
+
+    def __init__(self) -> None:
+        self.events: list[UnitEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: UnitEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, unit: str) -> list[UnitEvent]:
+        return [event for event in self.events if event.unit == unit]
+
+    def states(self, unit: str) -> list[tuple[str, str, str]]:
+        return [
+            (event.status.active_state, event.status.sub_state, event.status.result)
+            for event in self.of(unit)
+            if event.status is not None
+        ]
+
+    async def wait_for(self, predicate: Callable[[UnitEvent], bool]) -> UnitEvent:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            seen = 0
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def changed_to(unit: str, active: str, result: str | None = None) -> Callable[[UnitEvent], bool]:
+    def predicate(event: UnitEvent) -> bool:
+        status = event.status
+        return (
+            event.unit == unit
+            and status is not None
+            and status.active_state == active
+            and (result is None or status.result == result)
+        )
+
+    return predicate
+
+
+@pytest.fixture
+async def systemd() -> AsyncIterator[Systemd]:
+    adapter = await Systemd.connect()
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+@pytest.fixture
+def events(systemd: Systemd) -> Iterator[Events]:
+    recorder = Events()
+    unsubscribe = systemd.subscribe(recorder)
+    yield recorder
+    unsubscribe()
+
+
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="svmt-", dir="/run"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Cleanup:
+    """Units and processes a test made; removed in the test's `finally` by name and PID."""
+
+    def __init__(self, systemd: Systemd) -> None:
+        self.systemd = systemd
+        self.units: list[str] = []
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def __call__(self) -> None:
+        for unit in self.units:
+            for step in (
+                self.systemd.kill_unit(unit, signal.SIGKILL),
+                self.systemd.stop_unit(unit),
+                self.systemd.reset_failed(unit),
+            ):
+                with contextlib.suppress(SystemdError):
+                    await step
+        for process in self.processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
+@pytest.fixture
+async def cleanup(systemd: Systemd) -> AsyncIterator[Cleanup]:
+    tracker = Cleanup(systemd)
+    try:
+        yield tracker
+    finally:
+        await tracker()
+
+
+async def start_process(cleanup: Cleanup, argv: list[str]) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    cleanup.processes.append(process)
+    return process
+
+
+async def systemctl(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "systemctl", *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0, f"systemctl {args} failed"
+    return out.decode()
+
+
+def with_qmp(socket_path: Path) -> list[str]:
+    return [*QEMU, "-qmp", f"unix:{socket_path},server=on,wait=off"]
+
+
+async def until_ready(socket_path: Path) -> None:
+    """QEMU handles SIGTERM gracefully only once it is set up; QMP answering proves that."""
+    session = await QmpSession.connect(socket_path, timeout=10, on_event=lambda event: None)
+    await session.close()
+
+
+def exe_of(pid: int) -> str:
+    return str(Path(f"/proc/{pid}/exe").readlink())
+
+
+def cgroup_of(pid: int) -> str:
+    """The process's cgroup in systemd's own (unified) hierarchy."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise AssertionError(f"no unified cgroup line for {pid}")
+
+
+async def test_scope_for_live_qemu_has_requested_properties(
+    systemd: Systemd, cleanup: Cleanup
+) -> None:
+    unit = new_unit()
+    qemu = await start_process(cleanup, QEMU)
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [qemu.pid], props(stop_timeout=7))
+
+    shown = await systemctl(
+        "show",
+        unit,
+        "-p",
+        "KillSignal,TimeoutStopUSec,Slice,After,Before,KillMode,SendSIGKILL,Description,"
+        "ActiveState,CollectMode",
+    )
+    values = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert values["KillSignal"] == "15"
+    assert values["TimeoutStopUSec"] == "7s"
+    assert values["Slice"] == "machine.slice"
+    assert "supervisord-vm.service" in values["After"].split()
+    assert "supervisord-vm-guests.service" in values["Before"].split()
+    assert values["KillMode"] == "control-group"
+    assert values["SendSIGKILL"] == "yes"
+    assert values["Description"] == "supervisord-vm test scope"
+    assert values["ActiveState"] == "active"
+    assert values["CollectMode"] == "inactive"  # a failed scope stays until reset
+    assert cgroup_of(qemu.pid) == f"/machine.slice/{unit}"
+    assert await systemd.unit_pids(unit) == [qemu.pid]
+    status = await systemd.unit_status(unit)
+    assert status == UnitStatus(unit, "loaded", "active", "running", "success")
+    assert status in await systemd.list_scopes()
+
+
+async def test_kill_sigterm_ends_qemu_inactive_with_success(
+    systemd: Systemd, events: Events, cleanup: Cleanup, rundir: Path
+) -> None:
+    unit = new_unit()
+    qemu = await start_process(cleanup, with_qmp(rundir / "qmp"))
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [qemu.pid], props())
+    await until_ready(rundir / "qmp")
+
+    await systemd.kill_unit(unit, signal.SIGTERM)
+    assert await qemu.wait() == 0  # QEMU exits cleanly on SIGTERM
+    await events.wait_for(changed_to(unit, "inactive", "success"))
+    await events.wait_for(lambda event: event.unit == unit and event.kind == "removed")
+    assert await systemd.unit_status(unit) is None
+
+
+async def test_stop_of_process_ignoring_sigterm_times_out_then_reset(
+    systemd: Systemd, events: Events, cleanup: Cleanup
+) -> None:
+    unit = new_unit()
+    stubborn = await start_process(cleanup, IGNORES_SIGTERM)
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [stubborn.pid], props(stop_timeout=1))
+    await events.wait_for(changed_to(unit, "active"))
+
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beating = asyncio.ensure_future(heartbeat())
+    started = time.monotonic()
+    try:
+        job_result = await systemd.stop_unit(unit)
+    finally:
+        beating.cancel()
+    elapsed = time.monotonic() - started
+
+    assert job_result == "done"  # a stop job ends "done" even after the kill: read Result
+    assert 0.9 <= elapsed < 5, elapsed
+    assert ticks >= 40, "the event loop was blocked while the stop job ran"
+    assert await stubborn.wait() == -signal.SIGKILL
+    assert await systemd.unit_status(unit) == UnitStatus(
+        unit, "loaded", "failed", "failed", "timeout"
+    )
+    states = events.states(unit)
+    assert ("deactivating", "stop-sigterm", "success") in states
+    assert ("failed", "failed", "timeout") in states
+    assert states.index(("deactivating", "stop-sigterm", "success")) < states.index(
+        ("failed", "failed", "timeout")
+    )
+
+    await systemd.reset_failed(unit)
+    await events.wait_for(lambda event: event.unit == unit and event.kind == "removed")
+    assert await systemd.unit_status(unit) is None
+    assert "job-removed" in [event.kind for event in events.of(unit)]
+
+
+async def test_systemctl_stop_from_outside_is_seen(
+    systemd: Systemd, events: Events, cleanup: Cleanup
+) -> None:
+    unit = new_unit()
+    sleeper = await start_process(cleanup, ["/bin/sleep", "600"])
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [sleeper.pid], props())
+
+    await systemctl("stop", unit)
+    await events.wait_for(changed_to(unit, "inactive"))
+    await events.wait_for(lambda event: event.unit == unit and event.kind == "job-removed")
+    assert await sleeper.wait() == -signal.SIGTERM
+
+
+async def test_scope_for_exited_pid_is_refused_and_leaves_no_unit(
+    systemd: Systemd, cleanup: Cleanup
+) -> None:
+    unit = new_unit()
+    cleanup.units.append(unit)
+    gone = await start_process(cleanup, ["/bin/true"])
+    await gone.wait()  # reaped: the PID no longer exists
+
+    with pytest.raises(ProcessGone, match=f"Process with ID {gone.pid} does not exist"):
+        await systemd.start_scope(unit, [gone.pid], props())
+    assert await systemd.unit_status(unit) is None
+    assert unit not in [status.name for status in await systemd.list_scopes()]
+
+
+async def test_second_scope_with_same_name_is_refused(systemd: Systemd, cleanup: Cleanup) -> None:
+    unit = new_unit()
+    first = await start_process(cleanup, ["/bin/sleep", "600"])
+    second = await start_process(cleanup, ["/bin/sleep", "600"])
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [first.pid], props())
+
+    with pytest.raises(UnitExists):
+        await systemd.start_scope(unit, [second.pid], props())
+    assert await systemd.unit_pids(unit) == [first.pid]
+    assert cgroup_of(second.pid) != f"/machine.slice/{unit}"
+
+
+async def test_operations_on_unknown_unit_raise_no_such_unit(systemd: Systemd) -> None:
+    unit = new_unit()
+    assert await systemd.unit_status(unit) is None
+    for operation in (
+        systemd.kill_unit(unit, signal.SIGTERM),
+        systemd.stop_unit(unit),
+        systemd.reset_failed(unit),
+        systemd.unit_pids(unit),
+    ):
+        with pytest.raises(NoSuchUnit):
+            await operation
+
+
+async def test_spawned_program_is_in_its_scope_from_its_first_instruction(
+    systemd: Systemd, cleanup: Cleanup, rundir: Path
+) -> None:
+    unit = new_unit()
+    cleanup.units.append(unit)
+    out_path = rundir / "out"
+    with out_path.open("wb") as out:
+        process = await spawn_in_scope(
+            systemd,
+            ["/bin/cat", "/proc/self/cgroup"],  # the exec'd program's first act: read it
+            unit,
+            props(),
+            env={"PATH": "/usr/bin:/bin"},
+            stdout=out.fileno(),
+            stderr=out.fileno(),
+        )
+    cleanup.processes.append(process)
+    assert await process.wait() == 0
+    lines = out_path.read_text().splitlines()
+    assert f"0::/machine.slice/{unit}" in lines
+    assert f"1:name=systemd:/machine.slice/{unit}" in lines or any(
+        line.endswith(f":name=systemd:/machine.slice/{unit}") for line in lines
+    )
+
+
+async def test_spawned_qemu_is_in_its_scope_when_spawn_returns(
+    systemd: Systemd, events: Events, cleanup: Cleanup, rundir: Path
+) -> None:
+    unit = new_unit()
+    cleanup.units.append(unit)
+    log = rundir / "qemu.log"
+    with log.open("wb") as out:
+        qemu = await spawn_in_scope(
+            systemd,
+            with_qmp(rundir / "qmp"),
+            unit,
+            props(),
+            env={"PATH": "/usr/bin:/bin"},
+            stdout=out.fileno(),
+            stderr=out.fileno(),
+        )
+    cleanup.processes.append(qemu)
+    assert cgroup_of(qemu.pid) == f"/machine.slice/{unit}"
+    assert exe_of(qemu.pid) == QEMU[0]  # already exec'd
+    assert await systemd.unit_pids(unit) == [qemu.pid]
+
+    await until_ready(rundir / "qmp")
+    await systemd.kill_unit(unit, signal.SIGTERM)
+    assert await qemu.wait() == 0, log.read_text()
+    await events.wait_for(changed_to(unit, "inactive", "success"))
+
+
+async def test_spawn_never_runs_argv_when_the_scope_cannot_be_created(
+    systemd: Systemd, cleanup: Cleanup, rundir: Path
+) -> None:
+    unit = new_unit()
+    holder = await start_process(cleanup, ["/bin/sleep", "600"])
+    cleanup.units.append(unit)
+    await systemd.start_scope(unit, [holder.pid], props())  # the name is taken
+
+    marker = rundir / "ran"
+    qmp = rundir / "qmp.sock"
+    for argv in (
+        ["/bin/touch", str(marker)],
+        [*QEMU, "-qmp", f"unix:{qmp},server=on,wait=off", "-pidfile", str(marker)],
+    ):
+        children_before = children()
+        with pytest.raises(UnitExists):
+            await spawn_in_scope(
+                systemd,
+                argv,
+                unit,
+                props(),
+                env={"PATH": "/usr/bin:/bin"},
+                stdout=1,
+                stderr=2,
+            )
+        assert not marker.exists(), f"{argv[0]} ran although its scope was refused"
+        assert not qmp.exists()
+        assert children() == children_before  # the trampoline was killed and reaped
+    assert await systemd.unit_pids(unit) == [holder.pid]
+
+
+async def test_spawn_of_missing_program_raises_and_leaves_no_unit(
+    systemd: Systemd, cleanup: Cleanup, rundir: Path
+) -> None:
+    unit = new_unit()
+    cleanup.units.append(unit)
+    with pytest.raises(FileNotFoundError):
+        await spawn_in_scope(
+            systemd,
+            [str(rundir / "missing")],
+            unit,
+            props(),
+            env={"PATH": "/usr/bin:/bin"},
+            stdout=1,
+            stderr=2,
+        )
+    assert await systemd.unit_status(unit) is None
+
+
+async def test_loop_keeps_running_while_the_adapter_works(
+    systemd: Systemd, cleanup: Cleanup
+) -> None:
+    """Calls run in the worker thread; while one is answered, the loop ticks on."""
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.ensure_future(heartbeat())
+    try:
+        for _ in range(3):
+            unit = new_unit()
+            cleanup.units.append(unit)
+            sleeper = await start_process(cleanup, ["/bin/sleep", "600"])
+            await systemd.start_scope(unit, [sleeper.pid], props())
+            await asyncio.gather(*(systemd.unit_status(unit) for _ in range(20)))
+            assert await systemd.stop_unit(unit) == "done"
+            await sleeper.wait()
+    finally:
+        beating.cancel()
+    assert len(gaps) >= 3
+    assert max(gaps) < 0.25, f"event loop stalled for {max(gaps):.3f} s"
+
+
+def children() -> set[int]:
+    pids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids.update(int(pid) for pid in (task / "children").read_text().split())
+    return pids
