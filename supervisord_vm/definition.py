@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from typing import TypeVar
 
 from supervisord_vm.errors import InvalidDefinition
+from supervisord_vm.unitname import UNIT_NAME_MAX, scope_name
 
 RESTART_POLICIES = ("no", "on-crash", "always")
 DISK_FORMATS = ("raw", "qcow2")
@@ -116,6 +117,12 @@ def _name_problem(name: str) -> str | None:
     for suffix in UNIT_SUFFIXES:
         if name.endswith(suffix):
             return f"must not end with '{suffix}' (it would read as a systemd unit name)"
+    unit = scope_name(name)
+    if len(unit) > UNIT_NAME_MAX:
+        return (
+            f"its scope unit name would be {len(unit)} characters, over systemd's limit of "
+            f"{UNIT_NAME_MAX} (systemd-escape writes each '-' as 4 characters); use fewer '-'"
+        )
     return None
 
 

@@ -31,13 +31,15 @@ from pystemd.dbuslib import DBus
 
 from supervisord_vm import _spawn_trampoline
 from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExists
+from supervisord_vm.unitname import UNIT_NAME_MAX as UNIT_NAME_MAX  # noqa: PLC0414 - re-export
+from supervisord_vm.unitname import escape_name as escape_name  # noqa: PLC0414 - re-export
+from supervisord_vm.unitname import scope_name as scope_name  # noqa: PLC0414 - re-export
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SCOPE_PATTERN = "svm-*.scope"
-UNIT_NAME_MAX = 255  # systemd refuses longer unit names (UNIT_NAME_MAX 256 includes the NUL)
 
 _SYSTEMD = b"org.freedesktop.systemd1"
 _MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -79,28 +81,6 @@ _RESULT_IFACES = {
 _DISCONNECTED_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 
 # --- unit names ------------------------------------------------------------------------------
-
-_ESCAPE_VERBATIM = frozenset(
-    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:_."  # systemd VALID_CHARS
-)
-
-
-def escape_name(name: str) -> str:
-    """Escape like ``systemd-escape NAME`` (unit_name_escape): the scope name must match it."""
-    out: list[str] = []
-    for index, byte in enumerate(name.encode()):
-        if byte == ord("/"):
-            out.append("-")
-        elif byte in _ESCAPE_VERBATIM and not (index == 0 and byte == ord(".")):
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
-
-
-def scope_name(vm_name: str) -> str:
-    """The VM's scope unit; a name still loaded in systemd cannot be reused (UnitExists)."""
-    return f"svm-{escape_name(vm_name)}.scope"
 
 
 def unit_name_from_path(path: str) -> str | None:

@@ -406,3 +406,9 @@ def test_round_trip_defaults_and_layout() -> None:
         "snapshot = false\n"
     )
     assert parse_definition(definition_to_toml(defn)) == defn
+
+
+def test_name_whose_scope_unit_name_is_too_long_for_systemd() -> None:
+    with pytest.raises(InvalidDefinition, match="over systemd's limit of 255"):
+        validate_name("9" + "-" * 63)
+    assert validate_name("9" + "-" * 40) == "9" + "-" * 40

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from supervisord_vm.systemd import UNIT_NAME_MAX, escape_name, scope_name
+from supervisord_vm.unitname import UNIT_NAME_MAX, escape_name, scope_name
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape") or "/usr/bin/systemd-escape"
 
