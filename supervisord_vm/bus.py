@@ -167,7 +167,9 @@ async def _translated(operation: Awaitable[T]) -> T:
 class _DBusDaemon(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus"):
     """Just enough of the bus driver to learn a caller's credentials."""
 
-    @dbus_method_async("s", "a{sv}", method_name="GetConnectionCredentials")
+    @dbus_method_async(
+        "s", "a{sv}", method_name="GetConnectionCredentials", flags=DbusUnprivilegedFlag
+    )
     async def get_connection_credentials(self, bus_name: str) -> dict[str, tuple[str, Any]]:
         raise NotImplementedError
 
@@ -318,6 +320,8 @@ class _Service:
 # --- the per-VM object ------------------------------------------------------------------------
 
 _EMITS = DbusPropertyEmitsChangeFlag
+# Every method carries DbusUnprivilegedFlag: without it sd-bus itself refuses non-root callers,
+# even for reading. Authorization is ours: _Service.change() checks every changing call.
 
 
 class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
@@ -473,7 +477,9 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
             "Resume", name, lambda c: self._service.supervisor.resume(name, c)
         )
 
-    @dbus_method_async(result_signature="s", method_name="GetDefinition")
+    @dbus_method_async(
+        result_signature="s", method_name="GetDefinition", flags=DbusUnprivilegedFlag
+    )
     async def get_definition(self) -> str:
         name = self._info.name
         return await self._service.read(lambda: self._service.supervisor.definition_toml(name))
@@ -511,7 +517,10 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         return result
 
     @dbus_method_async(
-        result_signature="a(ssssuo)", result_args_names=("machines",), method_name="ListMachines"
+        result_signature="a(ssssuo)",
+        result_args_names=("machines",),
+        method_name="ListMachines",
+        flags=DbusUnprivilegedFlag,
     )
     async def list_machines(self) -> list[MachineRow]:
         """Every VM: name, state, reason, unit, main PID (0 if none), object path."""
@@ -521,12 +530,20 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
             for i in infos
         ]
 
-    @dbus_method_async("s", "o", result_args_names=("path",), method_name="GetMachine")
+    @dbus_method_async(
+        "s", "o", result_args_names=("path",), method_name="GetMachine", flags=DbusUnprivilegedFlag
+    )
     async def get_machine(self, name: str) -> str:
         info = await self._service.read(lambda: self._sup.get_machine(name))
         return self._objects.ensure(info).path
 
-    @dbus_method_async("s", "s", result_args_names=("definition",), method_name="GetDefinition")
+    @dbus_method_async(
+        "s",
+        "s",
+        result_args_names=("definition",),
+        method_name="GetDefinition",
+        flags=DbusUnprivilegedFlag,
+    )
     async def get_definition(self, name: str) -> str:
         """The VM's definition as TOML."""
         return await self._service.read(lambda: self._sup.definition_toml(name))
@@ -617,7 +634,13 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         )
         return sorted(results.items())
 
-    @dbus_method_async("s", "a(dssss)", result_args_names=("events",), method_name="GetEvents")
+    @dbus_method_async(
+        "s",
+        "a(dssss)",
+        result_args_names=("events",),
+        method_name="GetEvents",
+        flags=DbusUnprivilegedFlag,
+    )
     async def get_events(self, name: str) -> list[EventRow]:
         """Recent lifecycle events (a bounded ring) of one VM, or of all for ''."""
         if name:

@@ -231,7 +231,14 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     print(
         _table(
             [
-                (s["name"], s["state"], s["reason"], s["pid"] or "", s["unit"], s["autostart"])
+                (
+                    s["name"],
+                    s["state"],
+                    s["reason"],
+                    s["pid"] or "",
+                    s["unit"],
+                    "yes" if s["autostart"] else "no",
+                )
                 for s in statuses
             ],
             ("NAME", "STATE", "REASON", "PID", "UNIT", "AUTOSTART"),
@@ -392,6 +399,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svmctl",
@@ -514,9 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_positive,
+        type=_non_negative,
         metavar="S",
-        help="seconds each VM gets to power off (default: its stop timeout)",
+        help="seconds each VM gets to power off (0 or unset: its stop timeout)",
     )
     p.add_argument(
         "--parallel",

@@ -9,13 +9,28 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from supervisord_vm.errors import NotRunning, SvmError
-from supervisord_vm.model import Caller, State
+from supervisord_vm.errors import Busy, NotRunning, OperationTimeout, SvmError
+from supervisord_vm.model import Caller, DestroyMode, MachineInfo, State
 
 if TYPE_CHECKING:
     from supervisord_vm.supervisor import Supervisor
 
 _ACTIVE = (State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING)
+
+
+async def _destroy(
+    supervisor: Supervisor, name: str, grace: float, caller: Caller | None
+) -> MachineInfo:
+    """SIGTERM, then SIGKILL after ``grace`` — by KillUnit, never StopUnit.
+
+    During host shutdown this runs inside supervisord-vm-guests.service's ExecStop, and every
+    scope is ordered Before= that unit: a stop job for a scope would wait for the guests unit to
+    finish stopping, which waits for us — a deadlock until the unit's TimeoutStopSec.
+    """
+    try:
+        return await supervisor.destroy(name, DestroyMode.GRACEFUL, grace, caller)
+    except Busy:
+        return await supervisor.destroy(name, DestroyMode.FORCE, None, caller)
 
 
 async def shutdown_all(
@@ -40,7 +55,10 @@ async def shutdown_all(
             try:
                 if info.state == State.PAUSED:
                     await supervisor.resume(name, caller)
-                info = await supervisor.shutdown(name, wait, True, caller)
+                try:
+                    info = await supervisor.shutdown(name, wait, False, caller)
+                except OperationTimeout:
+                    info = await _destroy(supervisor, name, float(info.stop_timeout), caller)
             except NotRunning:
                 results[name] = "shutdown"
                 return
