@@ -368,6 +368,7 @@ class Machine:
         try:
             self._save_record(run)
             run.qmp = await self._connect_qmp(run, socket_path)
+            self._spawn(run, self._exit_on_qmp_eof(run, run.qmp))
             await run.qmp.execute("cont")
         except (SvmError, OSError) as err:
             run.start_failed = True
@@ -459,6 +460,7 @@ class Machine:
                     timeout=self._ctx.qmp_connect_timeout,
                     on_event=lambda event: self._on_qmp_event(run, event),
                 )
+                self._spawn(run, self._exit_on_qmp_eof(run, run.qmp))
                 status = await run.qmp.execute("query-status")
                 if isinstance(status, dict) and status.get("status") == "prelaunch":
                     await run.qmp.execute("cont")  # the previous daemon died mid-start
@@ -546,6 +548,25 @@ class Machine:
         elif event.kind == "removed":
             run.unit_removed = True
         run.unit_changed.set()
+        if event.kind == "removed" or (
+            event.status is not None and event.status.active_state in ("inactive", "failed")
+        ):
+            # The cgroup is empty. A QEMU whose threads are held by a ptrace tracer is then a
+            # zombie that neither its pidfd nor waitpid reports until the tracer lets go.
+            self._exited_if_dead(run)
+
+    def _exited_if_dead(self, run: _Run) -> None:
+        """Take an exit hint (unit ended, QMP EOF) as the exit once the process is dead.
+
+        Hints may be stale (a previous run's scope, a dropped connection); the process's own
+        state decides.
+        """
+        if not run.exited.is_set() and not _process_alive(run.pid):
+            run.exited.set()
+
+    async def _exit_on_qmp_eof(self, run: _Run, session: QmpSession) -> None:
+        await session.wait_closed()
+        self._exited_if_dead(run)
 
     def _on_qmp_event(self, run: _Run, event: QmpEvent) -> None:
         if run is not self._run:
@@ -574,8 +595,8 @@ class Machine:
                 async with asyncio.timeout(self._ctx.settle_timeout):
                     await run.qmp.wait_closed()
             await run.qmp.close()
-        if run.process is not None:
-            # Reaped at once normally; a zombie held by a ptrace tracer is reaped later.
+        if run.process is not None and not _traced(run.pid):
+            # Reaped at once normally; a zombie held by a ptrace tracer only once it lets go.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
                     await asyncio.shield(run.process.wait())
@@ -745,8 +766,8 @@ class Machine:
                 run.our_sigterm_pending = True
                 self._back_from_stopping(run, previous, "graceful destroy: still running")
                 raise Busy(
-                    f"Failed to terminate process {run.pid} of VM {self.name} with SIGTERM "
-                    f"within {limit:g} s: it is still running and nothing was escalated"
+                    f"Failed to terminate process {run.pid} with SIGTERM: VM {self.name} is "
+                    f"still running after {limit:g} s; nothing was escalated"
                 ) from None
         else:
             with contextlib.suppress(NoSuchUnit):  # already ended: the exit is being settled
@@ -825,6 +846,28 @@ class Machine:
             await self._qmp(run).execute("cont")
             if self._run is run and self.state is State.PAUSED:
                 self._set_state(State.RUNNING, EventType.RESUMED)
+
+
+def _process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] != b"Z"
+
+
+def _traced(pid: int) -> bool:
+    """True while another process ptraces PID (its exit status then is not ours to read yet)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"TracerPid:"):
+                    return line.split()[1] != b"0"
+    except OSError:
+        pass
+    return False
 
 
 def _log_tail(path: Path, offset: int, lines: int = 8) -> str:
