@@ -69,6 +69,9 @@ class Sandbox:
         in the container's own cgroup tree, as on a real host.
         """
         props = [f"--property=WorkingDirectory={self.checkout}"]
+        if argv and "/" in argv[0] and not argv[0].startswith("/"):
+            # systemd-run takes a relative path with a slash as not found: resolve it here.
+            argv = [str(Path(self.checkout) / argv[0]), *argv[1:]]
         envs = [f"--setenv={key}={value}" for key, value in env.items()]
         return self.command(
             [
