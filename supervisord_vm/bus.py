@@ -168,7 +168,11 @@ class _DBusDaemon(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus
     """Just enough of the bus driver to learn a caller's credentials."""
 
     @dbus_method_async(
-        "s", "a{sv}", method_name="GetConnectionCredentials", flags=DbusUnprivilegedFlag
+        "s",
+        "a{sv}",
+        method_name="GetConnectionCredentials",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=(),
     )
     async def get_connection_credentials(self, bus_name: str) -> dict[str, tuple[str, Any]]:
         raise NotImplementedError
@@ -322,6 +326,8 @@ class _Service:
 _EMITS = DbusPropertyEmitsChangeFlag
 # Every method carries DbusUnprivilegedFlag: without it sd-bus itself refuses non-root callers,
 # even for reading. Authorization is ours: _Service.change() checks every changing call.
+# result_args_names is always given: only then does sdbus put the input argument names into the
+# introspection data.
 
 
 class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
@@ -424,12 +430,14 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
         return self._info.exit.time
 
     # Convenience methods: the same operations as the Manager's, on this VM.
-    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Start")
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Start", result_args_names=())
     async def start(self) -> None:
         name = self._info.name
         await self._service.change("Start", name, lambda c: self._service.supervisor.start(name, c))
 
-    @dbus_method_async("db", flags=DbusUnprivilegedFlag, method_name="Shutdown")
+    @dbus_method_async(
+        "db", flags=DbusUnprivilegedFlag, method_name="Shutdown", result_args_names=()
+    )
     async def shutdown(self, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         name, limit = self._info.name, parse_timeout(timeout, "timeout")
         await self._service.change(
@@ -438,7 +446,9 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
             lambda c: self._service.supervisor.shutdown(name, limit, then_destroy, c),
         )
 
-    @dbus_method_async("sd", flags=DbusUnprivilegedFlag, method_name="Destroy")
+    @dbus_method_async(
+        "sd", flags=DbusUnprivilegedFlag, method_name="Destroy", result_args_names=()
+    )
     async def destroy(self, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         name, how = self._info.name, parse_mode(mode)
         limit = parse_timeout(timeout, "timeout")
@@ -446,31 +456,31 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
             "Destroy", name, lambda c: self._service.supervisor.destroy(name, how, limit, c)
         )
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Kill")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Kill", result_args_names=())
     async def kill(self, signal_name: str) -> None:
         name, number = self._info.name, parse_signal(signal_name)
         await self._service.change(
             "Kill", name, lambda c: self._service.supervisor.kill(name, number, c)
         )
 
-    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reboot")
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reboot", result_args_names=())
     async def reboot(self) -> None:
         name = self._info.name
         await self._service.change(
             "Reboot", name, lambda c: self._service.supervisor.reboot(name, c)
         )
 
-    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reset")
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reset", result_args_names=())
     async def reset(self) -> None:
         name = self._info.name
         await self._service.change("Reset", name, lambda c: self._service.supervisor.reset(name, c))
 
-    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Pause")
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Pause", result_args_names=())
     async def pause(self) -> None:
         name = self._info.name
         await self._service.change("Pause", name, lambda c: self._service.supervisor.pause(name, c))
 
-    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Resume")
+    @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Resume", result_args_names=())
     async def resume(self) -> None:
         name = self._info.name
         await self._service.change(
@@ -478,7 +488,10 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
         )
 
     @dbus_method_async(
-        result_signature="s", method_name="GetDefinition", flags=DbusUnprivilegedFlag
+        result_signature="s",
+        method_name="GetDefinition",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=(),
     )
     async def get_definition(self) -> str:
         name = self._info.name
@@ -556,7 +569,9 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         info = await self._changed("Define", "", lambda c: self._sup.define(definition, c))
         return self._objects.ensure(info).path
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Undefine")
+    @dbus_method_async(
+        "s", flags=DbusUnprivilegedFlag, method_name="Undefine", result_args_names=()
+    )
     async def undefine(self, name: str) -> None:
         await self._changed("Undefine", name, lambda c: self._sup.undefine(name, c))
 
@@ -568,11 +583,13 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         info = await self._changed("Create", "", lambda c: self._sup.create(definition, c))
         return self._objects.ensure(info).path
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Start")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Start", result_args_names=())
     async def start(self, name: str) -> None:
         await self._changed("Start", name, lambda c: self._sup.start(name, c))
 
-    @dbus_method_async("sdb", flags=DbusUnprivilegedFlag, method_name="Shutdown")
+    @dbus_method_async(
+        "sdb", flags=DbusUnprivilegedFlag, method_name="Shutdown", result_args_names=()
+    )
     async def shutdown(self, name: str, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         """ACPI power button; wait until off (timeout 0 = no limit); then_destroy after it."""
         limit = parse_timeout(timeout, "timeout")
@@ -580,31 +597,33 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
             "Shutdown", name, lambda c: self._sup.shutdown(name, limit, then_destroy, c)
         )
 
-    @dbus_method_async("ssd", flags=DbusUnprivilegedFlag, method_name="Destroy")
+    @dbus_method_async(
+        "ssd", flags=DbusUnprivilegedFlag, method_name="Destroy", result_args_names=()
+    )
     async def destroy(self, name: str, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         """mode default|graceful|force; timeout 0 = the VM's stop timeout."""
         how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
         await self._changed("Destroy", name, lambda c: self._sup.destroy(name, how, limit, c))
 
-    @dbus_method_async("ss", flags=DbusUnprivilegedFlag, method_name="Kill")
+    @dbus_method_async("ss", flags=DbusUnprivilegedFlag, method_name="Kill", result_args_names=())
     async def kill(self, name: str, signal_name: str) -> None:
         """Send a signal (number or name) to every process of the VM's scope."""
         number = parse_signal(signal_name)
         await self._changed("Kill", name, lambda c: self._sup.kill(name, number, c))
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reboot")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reboot", result_args_names=())
     async def reboot(self, name: str) -> None:
         await self._changed("Reboot", name, lambda c: self._sup.reboot(name, c))
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reset")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reset", result_args_names=())
     async def reset(self, name: str) -> None:
         await self._changed("Reset", name, lambda c: self._sup.reset(name, c))
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Pause")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Pause", result_args_names=())
     async def pause(self, name: str) -> None:
         await self._changed("Pause", name, lambda c: self._sup.pause(name, c))
 
-    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Resume")
+    @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Resume", result_args_names=())
     async def resume(self, name: str) -> None:
         await self._changed("Resume", name, lambda c: self._sup.resume(name, c))
 
