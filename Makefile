@@ -64,7 +64,7 @@ PIP_SOURCE = $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 SYSTEMD_RUNNING = test -d /run/systemd/system
 INSTALLED_VENV = $(DESTDIR)$(LIBDIR)/venv
 
-.PHONY: install uninstall demo demo-inside demo-stop shell
+.PHONY: install uninstall demo demo-inside
 
 install:
 	test -x $(PYTHON) || { echo "install: $(PYTHON) is missing (apt-get install python3-venv)"; exit 1; }

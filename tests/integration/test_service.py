@@ -574,3 +574,15 @@ def test_guests_service_shuts_down_all(vm: Callable[..., str]) -> None:
     assert status(deaf)["state"] == "shutoff" and status(deaf)["reason"] == "destroyed"
     # the deaf VM: 3 s timeout, then a destroy that QEMU answers at once on SIGTERM
     assert 3 <= elapsed < 15, elapsed
+
+
+def test_daemon_not_running_message(service: None) -> None:
+    sh("systemctl", "stop", "supervisord-vm.service", check=True)
+    sh("systemctl", "mask", "--runtime", "supervisord-vm.service", check=True)
+    try:
+        result = svm("list")
+        assert result.returncode == 1
+        assert "daemon not running: systemctl start supervisord-vm" in result.stderr
+    finally:
+        sh("systemctl", "unmask", "--runtime", "supervisord-vm.service", check=True)
+        sh("systemctl", "start", "supervisord-vm.service", check=True)
