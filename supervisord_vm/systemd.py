@@ -1,13 +1,20 @@
 """The only place that talks to systemd: transient scopes, their jobs and their signals.
 
-Built on pystemd, whose method calls block (``sd_bus_call``). So every call runs in one
-dedicated worker thread that owns its own bus connection, and the unit signals arrive on a
-second connection that is read from the asyncio loop (``add_reader`` on its fd). That second
-connection never makes a blocking call after setup, so no signal can hide in sd-bus's queue
-while the fd stays quiet. The signal connection registers its match rules with the bus daemon
-directly and reads the matching signals as unhandled messages from ``process()``: this allows a
-``path_namespace`` rule (pystemd's ``match_signal`` cannot express one) and needs no C-level
-callbacks at all (pystemd keeps a raw pointer to those, so a collected callback crashes).
+Method calls go through sdbus's asyncio client on a private system-bus connection: each call is
+sent with ``sd_bus_call_async`` and its reply read on the loop, so the loop runs on while systemd
+is slow to answer (during ``daemon-reload`` it answers nothing for the reload's whole length).
+They used to run on pystemd in a worker thread, but pystemd's ``call_method`` holds the GIL
+through ``sd_bus_call``: the "background" call froze the loop for as long as systemd took.
+
+The unit signals arrive on a second connection, opened with pystemd and read from the loop
+(``add_reader`` on its fd). It registers its match rules with the bus daemon directly and reads
+the matching signals as unhandled messages from ``process()``: this allows a ``path_namespace``
+rule (neither pystemd's ``match_signal`` nor sdbus's ``match_signal_async`` can express one),
+lets the adapter trust only systemd's current unique name, and needs no C-level callbacks
+(pystemd keeps a raw pointer to those, so a collected callback crashes). Its only blocking calls
+are the setup calls to the bus daemon itself (AddMatch, GetNameOwner), never to systemd, and
+after setup it makes no call at all, so no signal can hide in sd-bus's queue while the fd stays
+quiet. systemd's Subscribe goes over the sdbus connection and lasts as long as the adapter.
 """
 
 from __future__ import annotations
@@ -18,16 +25,24 @@ import errno
 import fnmatch
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError, DBusUnixProcessIdUnknownError
 from pystemd.dbuslib import DBus
+from sdbus.dbus_exceptions import DbusFailedError
+from sdbus.sd_bus_internals import (
+    SdBus,
+    SdBusBaseError,
+    SdBusLibraryError,
+    SdBusUnmappedMessageError,
+    sd_bus_open_system,
+)
 
 from supervisord_vm import _spawn_trampoline
 from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExists
@@ -37,19 +52,22 @@ from supervisord_vm.unitname import scope_name as scope_name  # noqa: PLC0414 - 
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 SCOPE_PATTERN = "svm-*.scope"
 
-_SYSTEMD = b"org.freedesktop.systemd1"
-_MANAGER_PATH = b"/org/freedesktop/systemd1"
-_MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
-_UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
+_SYSTEMD = "org.freedesktop.systemd1"
+_MANAGER_PATH = "/org/freedesktop/systemd1"
+_MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+_UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 _UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
-_PROPS_IFACE = b"org.freedesktop.DBus.Properties"
-_DBUS = b"org.freedesktop.DBus"
-_DBUS_PATH = b"/org/freedesktop/DBus"
-_LOCAL_IFACE = b"org.freedesktop.DBus.Local"
+
+# The signal connection (pystemd) speaks bytes.
+_B_SYSTEMD = _SYSTEMD.encode()
+_B_MANAGER_IFACE = _MANAGER_IFACE.encode()
+_B_UNIT_IFACE = _UNIT_IFACE.encode()
+_B_PROPS_IFACE = b"org.freedesktop.DBus.Properties"
+_B_DBUS = b"org.freedesktop.DBus"
+_B_DBUS_PATH = b"/org/freedesktop/DBus"
+_B_LOCAL_IFACE = b"org.freedesktop.DBus.Local"
 
 # Rules for the signal connection. path_namespace keeps other objects' PropertiesChanged away.
 _MATCH_RULES = (
@@ -79,6 +97,8 @@ _RESULT_IFACES = {
 }
 
 _DISCONNECTED_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
+# sdbus reports a failed sd-bus function as "... returned error number: -107".
+_LIBRARY_ERRNO = re.compile(r"error number: -?(\d+)")
 
 # --- unit names ------------------------------------------------------------------------------
 
@@ -142,38 +162,9 @@ class UnitEvent:
     reloading: bool = False  # for "reloading": True at start, False at end
 
 
-# --- D-Bus argument building (pystemd's raw append list) -------------------------------------
+# --- D-Bus arguments ------------------------------------------------------------------------
 
-_Arg = tuple[int, Any]
-_CLOSE: _Arg = (-1, None)
-
-
-def _encode(signature: str, value: Any) -> list[_Arg]:
-    """Encode a basic type or an array of one; pystemd's own helper has no ``au``."""
-    if signature.startswith("a"):
-        inner = signature[1:]
-        args: list[_Arg] = [(ord("a"), inner.encode())]
-        for item in value:
-            args += _encode(inner, item)
-        return [*args, _CLOSE]
-    if signature in ("s", "o"):
-        return [(ord(signature), str(value).encode())]
-    if signature == "b":
-        return [(ord("b"), bool(value))]
-    if signature in ("i", "u", "t"):
-        return [(ord(signature), int(value))]
-    raise ValueError(f"unsupported D-Bus signature {signature!r}")
-
-
-def _property(name: str, signature: str, value: Any) -> list[_Arg]:
-    return [
-        (ord("r"), b"sv"),
-        (ord("s"), name.encode()),
-        (ord("v"), signature.encode()),
-        *_encode(signature, value),
-        _CLOSE,
-        _CLOSE,
-    ]
+_START_TRANSIENT_SIGNATURE = "ssa(sv)a(sa(sv))"
 
 
 def scope_properties(pids: Sequence[int], props: ScopeProperties) -> list[tuple[str, str, Any]]:
@@ -195,11 +186,14 @@ def scope_properties(pids: Sequence[int], props: ScopeProperties) -> list[tuple[
     ]
 
 
-def _start_transient_args(unit: str, pids: Sequence[int], props: ScopeProperties) -> list[_Arg]:
-    args: list[_Arg] = [*_encode("s", unit), *_encode("s", "fail"), (ord("a"), b"(sv)")]
-    for name, signature, value in scope_properties(pids, props):
-        args += _property(name, signature, value)
-    return [*args, _CLOSE, (ord("a"), b"(sa(sv))"), _CLOSE]
+def _start_transient_args(
+    unit: str, pids: Sequence[int], props: ScopeProperties
+) -> tuple[str, str, list[tuple[str, tuple[str, Any]]], list[Any]]:
+    """StartTransientUnit's arguments as sdbus takes them (a variant is (signature, value))."""
+    properties = [
+        (name, (signature, value)) for name, signature, value in scope_properties(pids, props)
+    ]
+    return unit, "fail", properties, []
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -211,6 +205,11 @@ _ERRORS_BY_NAME: dict[str, type[SystemdError]] = {
     "org.freedesktop.DBus.Error.UnixProcessIdUnknown": ProcessGone,
 }
 
+# An object that vanished between two calls (unit unloaded meanwhile).
+_GONE_ERRORS = frozenset(
+    {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
+)
+
 
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
@@ -218,92 +217,76 @@ def _text(value: Any) -> str:
     return str(value) if value is not None else ""
 
 
-def map_error(exc: DBusBaseError, context: str) -> SystemdError:
-    """Turn a pystemd error into the project's type; pystemd drops the name of mapped ones."""
-    name = _text(getattr(exc, "err_name", ""))
-    message = _text(getattr(exc, "err_message", "")) or os.strerror(abs(exc.errno or 0))
-    error_type: type[SystemdError]
+def error_name(exc: Exception) -> str:
+    """The D-Bus error name an sdbus or pystemd error carries ("" for a local failure)."""
+    if isinstance(exc, DbusFailedError):
+        return exc.dbus_error_name  # a name some module mapped to a class
+    if isinstance(exc, SdBusUnmappedMessageError) and exc.args:
+        return _text(exc.args[0])  # args: (name, message)
     if isinstance(exc, DBusNoSuchUnitError):
-        error_type = NoSuchUnit
-    elif isinstance(exc, DBusUnixProcessIdUnknownError):
+        return "org.freedesktop.systemd1.NoSuchUnit"  # pystemd drops the name of mapped ones
+    if isinstance(exc, DBusUnixProcessIdUnknownError):
+        return "org.freedesktop.DBus.Error.UnixProcessIdUnknown"
+    return _text(getattr(exc, "err_name", ""))
+
+
+def _error_message(exc: Exception) -> str:
+    if isinstance(exc, SdBusUnmappedMessageError) and len(exc.args) >= 2:
+        return _text(exc.args[1])
+    if isinstance(exc, SdBusBaseError):
+        return _text(exc.args[0]) if exc.args else type(exc).__name__
+    message = _text(getattr(exc, "err_message", ""))
+    if message:
+        return message
+    code = getattr(exc, "errno", None)
+    return os.strerror(abs(code)) if isinstance(code, int) and code else str(exc)
+
+
+def map_error(exc: Exception, context: str) -> SystemdError:
+    """Turn an sdbus (calls) or pystemd (signal connection) error into the project's type.
+
+    Mapped by the D-Bus error name; the message is systemd's own.
+    """
+    name = error_name(exc)
+    error_type = _ERRORS_BY_NAME.get(name, SystemdError)
+    if error_type is SystemdError and getattr(exc, "errno", None) == -errno.ESRCH:
         error_type = ProcessGone
-    elif name in _ERRORS_BY_NAME:
-        error_type = _ERRORS_BY_NAME[name]
-    elif exc.errno == -errno.ESRCH:
-        error_type = ProcessGone
-    else:
-        error_type = SystemdError
-    return error_type(f"{context}: {message}")
+    return error_type(f"{context}: {_error_message(exc)}")
 
 
-# --- blocking helpers (worker thread only) ---------------------------------------------------
+def _disconnected(exc: SdBusBaseError) -> bool:
+    """True when sd-bus failed because the connection is gone (the next call reconnects)."""
+    if not isinstance(exc, SdBusLibraryError):
+        return False
+    found = _LIBRARY_ERRNO.search(str(exc))
+    return found is not None and int(found.group(1)) in _DISCONNECTED_ERRNOS
 
 
-def _call(bus: Any, path: bytes, interface: bytes, method: bytes, args: list[_Arg]) -> Any:
-    return bus.call_method(_SYSTEMD, path, interface, method, args).body
-
-
-def _manager(bus: Any, method: str, args: list[_Arg]) -> Any:
-    return _call(bus, _MANAGER_PATH, _MANAGER_IFACE, method.encode(), args)
-
-
-def _get(bus: Any, path: bytes, interface: str, prop: str) -> str:
-    value = bus.get_property(_SYSTEMD, path, interface.encode(), prop.encode(), b"s")
+def _variant_text(value: Any) -> str:
+    """A property read's reply is a variant: (signature, value)."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return _text(value[1])
     return _text(value)
 
 
-def _result_of(bus: Any, unit: str, path: bytes) -> str:
-    suffix = unit.rpartition(".")[2]
-    iface = _RESULT_IFACES.get(suffix)
-    if iface is None:
-        return ""
-    return _get(bus, path, f"org.freedesktop.systemd1.{iface}", "Result")
-
-
-def _status_sync(bus: Any, unit: str) -> UnitStatus | None:
-    try:
-        path = _manager(bus, "GetUnit", _encode("s", unit))
-        return UnitStatus(
-            name=unit,
-            load_state=_get(bus, path, "org.freedesktop.systemd1.Unit", "LoadState"),
-            active_state=_get(bus, path, "org.freedesktop.systemd1.Unit", "ActiveState"),
-            sub_state=_get(bus, path, "org.freedesktop.systemd1.Unit", "SubState"),
-            result=_result_of(bus, unit, path),
-        )
-    except DBusNoSuchUnitError:
-        return None
-    except DBusBaseError as exc:
-        if _text(getattr(exc, "err_name", "")).endswith(".UnknownObject"):
-            return None  # unloaded between GetUnit and the property read
-        raise
-
-
-def _list_sync(bus: Any, pattern: str) -> list[UnitStatus]:
-    rows = _manager(bus, "ListUnitsByPatterns", _encode("as", []) + _encode("as", [pattern]))
-    statuses = []
-    for row in rows or []:
-        name = _text(row[0])
-        try:
-            result = _result_of(bus, name, row[6])
-        except DBusBaseError:
-            continue  # unloaded meanwhile
-        statuses.append(UnitStatus(name, _text(row[2]), _text(row[3]), _text(row[4]), result))
-    return statuses
+# --- the signal connection's setup (blocking, but answered by the bus daemon only) ------------
 
 
 def _open_signal_bus() -> tuple[Any, bytes]:
-    """Open the signal connection: match rules first, then learn systemd's name, Subscribe."""
+    """Open the signal connection: match rules first, then learn systemd's unique name.
+
+    These calls go to the bus daemon, which answers at once even while systemd is busy.
+    """
     bus = DBus()
     bus.open()
     try:
         for rule in _MATCH_RULES:
-            bus.call_method(_DBUS, _DBUS_PATH, _DBUS, b"AddMatch", _encode("s", rule))
+            bus.call_method(
+                _B_DBUS, _B_DBUS_PATH, _B_DBUS, b"AddMatch", [(ord("s"), rule.encode())]
+            )
         owner = bus.call_method(
-            _DBUS, _DBUS_PATH, _DBUS, b"GetNameOwner", _encode("s", "org.freedesktop.systemd1")
+            _B_DBUS, _B_DBUS_PATH, _B_DBUS, b"GetNameOwner", [(ord("s"), _B_SYSTEMD)]
         ).body
-        # Without a subscriber systemd emits no unit signals. The subscription belongs to this
-        # connection, so it ends when the connection does.
-        _manager(bus, "Subscribe", [])
     except BaseException:
         bus.close()
         raise
@@ -318,10 +301,10 @@ class _JobWatch:
     """Collects JobRemoved for one unit from before the job's path is known (no lost race)."""
 
     future: asyncio.Future[str]
-    path: bytes | None = None
-    seen: dict[bytes, str] = field(default_factory=dict)
+    path: str | None = None
+    seen: dict[str, str] = field(default_factory=dict)
 
-    def job_removed(self, path: bytes, result: str) -> None:
+    def job_removed(self, path: str, result: str) -> None:
         if self.future.done():
             return
         if self.path is None:
@@ -329,7 +312,7 @@ class _JobWatch:
         elif path == self.path:
             self.future.set_result(result)
 
-    def expect(self, path: bytes) -> None:
+    def expect(self, path: str) -> None:
         self.path = path
         if path in self.seen and not self.future.done():
             self.future.set_result(self.seen[path])
@@ -347,19 +330,18 @@ class _Tracked:
 
 
 class Systemd:
-    """systemd's manager on asyncio: calls in a worker thread, signals on the loop."""
+    """systemd's manager on asyncio: calls with sdbus's async client, signals read on the loop."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor,
+        call_bus: SdBus | None,
         signal_bus: Any,
         systemd_owner: bytes,
     ) -> None:
         """Use ``connect()``; this only wires already opened parts together."""
         self._loop = loop
-        self._executor = executor
-        self._call_bus: Any = None  # opened lazily in the worker thread, only used there
+        self._call_bus = call_bus  # None: (re)opened by the next call
         self._signal_bus = signal_bus
         self._signal_fd: int | None = None
         self._systemd_owner = systemd_owner
@@ -371,21 +353,21 @@ class Systemd:
     @classmethod
     async def connect(cls) -> Systemd:
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svm-systemd")
         try:
-            signal_bus, owner = await loop.run_in_executor(executor, _open_signal_bus)
+            signal_bus, owner = _open_signal_bus()
         except DBusBaseError as exc:
-            executor.shutdown(wait=False)
             raise map_error(exc, "connecting to systemd") from exc
-        self = cls(loop, executor, signal_bus, owner)
-        try:
-            await self._run(lambda bus: None)  # open the call connection now, fail early
-        except BaseException:
-            await self.close()
-            raise
+        self = cls(loop, None, signal_bus, owner)
         self._signal_fd = signal_bus.get_fd()
         loop.add_reader(self._signal_fd, self._drain)
         loop.call_soon(self._drain)  # setup calls may have queued signals without waking the fd
+        try:
+            # Without a subscriber systemd emits no unit signals. The subscription belongs to
+            # the call connection, so it ends when the adapter closes it.
+            await self._call("subscribing to systemd", _MANAGER_PATH, _MANAGER_IFACE, "Subscribe")
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -393,9 +375,10 @@ class Systemd:
             return
         self._closed = True
         self._stop_signals(SystemdError("connection to systemd closed"))
-        with contextlib.suppress(Exception):
-            await self._loop.run_in_executor(self._executor, self._close_call_bus)
-        self._executor.shutdown(wait=True)
+        bus, self._call_bus = self._call_bus, None
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                bus.close()
 
     def subscribe(self, callback: Callable[[UnitEvent], None]) -> Callable[[], None]:
         """Deliver events of this project's scopes (svm-*.scope) on the loop, in order."""
@@ -411,11 +394,12 @@ class Systemd:
 
     async def start_scope(self, unit: str, pids: Sequence[int], props: ScopeProperties) -> None:
         """Create the scope around PIDs and wait until its start job is done."""
-        args = _start_transient_args(unit, pids, props)
         result = await self._job(
             unit,
             f"creating scope {unit}",
-            lambda bus: _manager(bus, "StartTransientUnit", args),
+            "StartTransientUnit",
+            _START_TRANSIENT_SIGNATURE,
+            *_start_transient_args(unit, pids, props),
         )
         if result == "done":
             return
@@ -427,68 +411,119 @@ class Systemd:
         raise SystemdError(f"creating scope {unit} failed: {detail}")
 
     async def kill_unit(self, unit: str, signal: int, who: str = "all") -> None:
-        args = _encode("s", unit) + _encode("s", who) + _encode("i", signal)
-        await self._run(lambda bus: _manager(bus, "KillUnit", args), f"killing {unit}")
+        await self._manager(f"killing {unit}", "KillUnit", "ssi", unit, who, signal)
 
     async def stop_unit(self, unit: str) -> str:
         """Stop and wait for the job; "done" also after a timeout kill: read Result for that."""
-        args = _encode("s", unit) + _encode("s", "replace")
-        return await self._job(
-            unit, f"stopping {unit}", lambda bus: _manager(bus, "StopUnit", args)
-        )
+        return await self._job(unit, f"stopping {unit}", "StopUnit", "ss", unit, "replace")
 
     async def reset_failed(self, unit: str) -> None:
-        args = _encode("s", unit)
-        await self._run(
-            lambda bus: _manager(bus, "ResetFailedUnit", args), f"resetting failed {unit}"
-        )
+        await self._manager(f"resetting failed {unit}", "ResetFailedUnit", "s", unit)
 
     async def unit_status(self, unit: str) -> UnitStatus | None:
-        return await self._run(lambda bus: _status_sync(bus, unit), f"reading {unit}")
+        context = f"reading {unit}"
+        try:
+            path = _text(await self._call_raw(_MANAGER_PATH, _MANAGER_IFACE, "GetUnit", "s", unit))
+            load, active, sub, result = await asyncio.gather(
+                self._get(path, _UNIT_IFACE, "LoadState"),
+                self._get(path, _UNIT_IFACE, "ActiveState"),
+                self._get(path, _UNIT_IFACE, "SubState"),
+                self._result_of(unit, path),
+            )
+        except SdBusBaseError as exc:
+            if error_name(exc) in _GONE_ERRORS:
+                return None  # not loaded, or unloaded between GetUnit and the property reads
+            raise map_error(exc, context) from exc
+        return UnitStatus(unit, load, active, sub, result)
 
     async def list_scopes(self, pattern: str = SCOPE_PATTERN) -> list[UnitStatus]:
-        return await self._run(lambda bus: _list_sync(bus, pattern), f"listing {pattern}")
+        rows = await self._manager(
+            f"listing {pattern}", "ListUnitsByPatterns", "asas", [], [pattern]
+        )
+        rows = list(rows or [])
+        results = await asyncio.gather(
+            *(self._result_of(_text(row[0]), _text(row[6])) for row in rows),
+            return_exceptions=True,
+        )
+        statuses = []
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, SdBusBaseError) and error_name(result) in _GONE_ERRORS:
+                    continue  # unloaded meanwhile
+                if isinstance(result, Exception):
+                    raise map_error(result, f"listing {pattern}") from result
+                raise result
+            statuses.append(
+                UnitStatus(_text(row[0]), _text(row[2]), _text(row[3]), _text(row[4]), result)
+            )
+        return statuses
 
     async def unit_pids(self, unit: str) -> list[int]:
-        rows = await self._run(
-            lambda bus: _manager(bus, "GetUnitProcesses", _encode("s", unit)),
-            f"reading processes of {unit}",
-        )
+        rows = await self._manager(f"reading processes of {unit}", "GetUnitProcesses", "s", unit)
         return sorted({int(row[1]) for row in rows or []})
 
-    # --- calls in the worker thread ---
+    # --- calls (sdbus, on the loop) ---
 
-    async def _run(self, function: Callable[[Any], T], context: str = "systemd") -> T:
+    def _bus(self) -> SdBus:
+        if self._call_bus is None:
+            self._call_bus = sd_bus_open_system()
+        return self._call_bus
+
+    async def _call_raw(
+        self, path: str, interface: str, method: str, signature: str = "", *args: Any
+    ) -> Any:
+        """One method call to systemd; raises sdbus's errors. The reply's contents: one value
+        for a one-value reply, a tuple for several."""
         if self._closed:
-            raise SystemdError(f"{context}: connection to systemd closed")
-        return await self._loop.run_in_executor(self._executor, self._in_worker, function, context)
-
-    def _in_worker(self, function: Callable[[Any], T], context: str) -> T:
+            raise SdBusLibraryError("connection to systemd closed")
+        bus: SdBus | None = None
         try:
-            if self._call_bus is None:
-                bus = DBus()
-                bus.open()
-                self._call_bus = bus
-            return function(self._call_bus)
-        except DBusBaseError as exc:
-            if exc.errno is not None and -exc.errno in _DISCONNECTED_ERRNOS:
-                self._close_call_bus()  # the next call reconnects
+            bus = self._bus()  # opening the system bus can fail too: map that like a call
+            message = bus.new_method_call_message(_SYSTEMD, path, interface, method)
+            if signature:
+                message.append_data(signature, *args)
+            reply = await bus.call_async(message)
+        except SdBusBaseError as exc:
+            if bus is not None and self._call_bus is bus and _disconnected(exc):
+                self._call_bus = None  # the next call reconnects
+                with contextlib.suppress(Exception):
+                    bus.close()
+            raise
+        return reply.get_contents()
+
+    async def _call(
+        self, context: str, path: str, interface: str, method: str, signature: str = "", *args: Any
+    ) -> Any:
+        try:
+            return await self._call_raw(path, interface, method, signature, *args)
+        except SdBusBaseError as exc:
             raise map_error(exc, context) from exc
 
-    def _close_call_bus(self) -> None:
-        bus, self._call_bus = self._call_bus, None
-        if bus is not None:
-            bus.close()
+    async def _manager(self, context: str, method: str, signature: str = "", *args: Any) -> Any:
+        return await self._call(context, _MANAGER_PATH, _MANAGER_IFACE, method, signature, *args)
 
-    async def _job(self, unit: str, context: str, function: Callable[[Any], Any]) -> str:
-        """Run a call that returns a job path; wait for that job's JobRemoved result."""
+    async def _get(self, path: str, interface: str, prop: str) -> str:
+        """Read one string property (org.freedesktop.DBus.Properties.Get); raw sdbus errors."""
+        value = await self._call_raw(
+            path, "org.freedesktop.DBus.Properties", "Get", "ss", interface, prop
+        )
+        return _variant_text(value)
+
+    async def _result_of(self, unit: str, path: str) -> str:
+        iface = _RESULT_IFACES.get(unit.rpartition(".")[2])
+        if iface is None:
+            return ""
+        return await self._get(path, f"org.freedesktop.systemd1.{iface}", "Result")
+
+    async def _job(self, unit: str, context: str, method: str, signature: str, *args: Any) -> str:
+        """Run a manager call that returns a job path; wait for that job's JobRemoved result."""
         watch = _JobWatch(self._loop.create_future())
         self._job_watches.setdefault(unit, []).append(watch)
         try:
             if self._signal_bus is None:
                 raise SystemdError(f"{context}: no connection for systemd's signals")
-            job_path = await self._run(function, context)
-            watch.expect(job_path)
+            job_path = await self._manager(context, method, signature, *args)
+            watch.expect(_text(job_path))
             return await watch.future
         finally:
             watches = self._job_watches.get(unit, [])
@@ -530,31 +565,31 @@ class Systemd:
     def _dispatch(self, message: Any) -> bool:
         """Handle one message; False when there was none."""
         if message.is_empty():
-            if message.is_signal(_LOCAL_IFACE, b"Disconnected"):
+            if message.is_signal(_B_LOCAL_IFACE, b"Disconnected"):
                 log.error("the system bus closed the systemd signal connection")
                 self._stop_signals(SystemdError("the system bus connection was closed"))
                 return True
             return False  # NULL (or a body-less message we do not match)
-        if message.is_signal(_DBUS, b"NameOwnerChanged"):
-            if message.get_sender() == _DBUS:
+        if message.is_signal(_B_DBUS, b"NameOwnerChanged"):
+            if message.get_sender() == _B_DBUS:
                 message.process_reply(True)
                 self._systemd_owner = message.body[2]
             return True
         if message.get_sender() != self._systemd_owner:
             return True  # a forged or stray signal: only systemd's own are trusted
-        if message.is_signal(_PROPS_IFACE, b"PropertiesChanged"):
+        if message.is_signal(_B_PROPS_IFACE, b"PropertiesChanged"):
             self._properties_changed(message)
-        elif message.is_signal(_MANAGER_IFACE, b"JobRemoved"):
+        elif message.is_signal(_B_MANAGER_IFACE, b"JobRemoved"):
             message.process_reply(True)
             _job_id, job_path, unit, result = message.body
-            self._job_removed(_text(unit), job_path, _text(result))
-        elif message.is_signal(_MANAGER_IFACE, b"UnitRemoved"):
+            self._job_removed(_text(unit), _text(job_path), _text(result))
+        elif message.is_signal(_B_MANAGER_IFACE, b"UnitRemoved"):
             message.process_reply(True)
             unit = _text(message.body[0])
             if fnmatch.fnmatchcase(unit, SCOPE_PATTERN):
                 self._tracked.pop(unit, None)
                 self._emit(UnitEvent("removed", unit))
-        elif message.is_signal(_MANAGER_IFACE, b"Reloading"):
+        elif message.is_signal(_B_MANAGER_IFACE, b"Reloading"):
             message.process_reply(True)
             self._emit(UnitEvent("reloading", "", reloading=bool(message.body)))
         return True
@@ -568,7 +603,7 @@ class Systemd:
         if not isinstance(changed, dict):
             return
         tracked = self._tracked.setdefault(unit, _Tracked())
-        if interface == _UNIT_IFACE:
+        if interface == _B_UNIT_IFACE:
             # systemd sends the type's interface (with Result) first, then Unit: so the status
             # emitted here carries the Result that belongs to this state.
             tracked.load_state = _text(changed.get(b"LoadState", tracked.load_state))
@@ -581,7 +616,7 @@ class Systemd:
         elif b"Result" in changed:
             tracked.result = _text(changed[b"Result"])
 
-    def _job_removed(self, unit: str, job_path: bytes, result: str) -> None:
+    def _job_removed(self, unit: str, job_path: str, result: str) -> None:
         for watch in list(self._job_watches.get(unit, ())):
             watch.job_removed(job_path, result)
         if fnmatch.fnmatchcase(unit, SCOPE_PATTERN):

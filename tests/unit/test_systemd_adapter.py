@@ -1,5 +1,5 @@
-"""The systemd adapter's pure parts: argument encoding, error mapping, signal decoding and
-job tracking (with a fake bus), and the spawn trampoline (with a fake scope creator)."""
+"""The systemd adapter's pure parts: argument building, error mapping, signal decoding, calls
+and job tracking (with fake buses), and the spawn trampoline (with a fake scope creator)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pystemd.dbusexc import DBusError
 from pystemd.dbuslib import path_encode
+from sdbus.dbus_exceptions import DbusUnixProcessIdUnknownError
+from sdbus.sd_bus_internals import SdBus, SdBusLibraryError, SdBusUnmappedMessageError
 
 from supervisord_vm import _spawn_trampoline
 from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExists
@@ -24,6 +25,7 @@ from supervisord_vm.systemd import (
     ScopeProperties,
     Systemd,
     UnitEvent,
+    UnitStatus,
     _start_transient_args,
     map_error,
     spawn_in_scope,
@@ -51,34 +53,51 @@ def test_unit_name_from_path_rejects_other_objects() -> None:
 
 def test_start_transient_args_carry_pids_as_au() -> None:
     props = ScopeProperties(description="VM web1", stop_timeout=1.5)
-    args = _start_transient_args("svm-web1.scope", [123, 456], props)
-    pids_at = args.index((ord("s"), b"PIDs"))
-    assert args[pids_at - 1 : pids_at + 7] == [
-        (ord("r"), b"sv"),
-        (ord("s"), b"PIDs"),
-        (ord("v"), b"au"),
-        (ord("a"), b"u"),
-        (ord("u"), 123),
-        (ord("u"), 456),
-        (-1, None),
-        (-1, None),
-    ]
-    assert (ord("t"), 1_500_000) in args
-    assert args[:3] == [(ord("s"), b"svm-web1.scope"), (ord("s"), b"fail"), (ord("a"), b"(sv)")]
-    assert args[-3:] == [(-1, None), (ord("a"), b"(sa(sv))"), (-1, None)]
+    unit, mode, properties, aux = _start_transient_args("svm-web1.scope", [123, 456], props)
+    assert (unit, mode, aux) == ("svm-web1.scope", "fail", [])
+    values = dict(properties)
+    assert values["PIDs"] == ("au", [123, 456])
+    assert values["TimeoutStopUSec"] == ("t", 1_500_000)
+    assert values["KillMode"] == ("s", "control-group")
+    assert values["KillSignal"] == ("i", 15)
+    assert values["SendSIGKILL"] == ("b", True)
+    assert values["After"] == ("as", ["supervisord-vm.service"])
+    assert values["Slice"] == ("s", "machine.slice")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("org.freedesktop.systemd1.NoSuchUnit", NoSuchUnit),
+        ("org.freedesktop.systemd1.UnitExists", UnitExists),
+        ("org.freedesktop.systemd1.NoSuchProcess", ProcessGone),
+        ("org.freedesktop.DBus.Error.UnixProcessIdUnknown", ProcessGone),
+        ("org.freedesktop.DBus.Error.InvalidArgs", SystemdError),
+    ],
+)
+def test_map_error_by_dbus_error_name(name: str, expected: type[SystemdError]) -> None:
+    error = map_error(SdBusUnmappedMessageError(name, "systemd says no"), "doing it")
+    assert type(error) is expected
+    assert str(error) == "doing it: systemd says no"
+
+
+def test_map_error_of_an_error_sdbus_maps_to_a_class() -> None:
+    error = map_error(DbusUnixProcessIdUnknownError("Process with ID 9 does not exist."), "x")
+    assert type(error) is ProcessGone
+    assert str(error) == "x: Process with ID 9 does not exist."
 
 
 @pytest.mark.parametrize(
     ("errno_", "name", "expected"),
     [
         (-2, b"org.freedesktop.systemd1.NoSuchUnit", NoSuchUnit),
-        (-17, b"org.freedesktop.systemd1.UnitExists", UnitExists),
-        (-3, b"org.freedesktop.systemd1.NoSuchProcess", ProcessGone),
         (-3, b"org.freedesktop.DBus.Error.UnixProcessIdUnknown", ProcessGone),
         (-22, b"org.freedesktop.DBus.Error.InvalidArgs", SystemdError),
     ],
 )
-def test_map_error(errno_: int, name: bytes, expected: type[SystemdError]) -> None:
+def test_map_error_of_the_signal_connection(
+    errno_: int, name: bytes, expected: type[SystemdError]
+) -> None:
     error = map_error(DBusError(errno_, name, b"systemd says no"), "doing it")
     assert type(error) is expected
     assert str(error) == "doing it: systemd says no"
@@ -149,13 +168,11 @@ def manager_signal(member: bytes, body: Any, sender: bytes = OWNER) -> FakeMessa
 @pytest.fixture
 def adapter() -> Iterator[tuple[Systemd, FakeBus, list[UnitEvent]]]:
     loop = asyncio.new_event_loop()
-    executor = ThreadPoolExecutor(max_workers=1)
     bus = FakeBus()
-    systemd = Systemd(loop, executor, bus, OWNER)
+    systemd = Systemd(loop, None, bus, OWNER)
     events: list[UnitEvent] = []
     systemd.subscribe(events.append)
     yield systemd, bus, events
-    executor.shutdown()
     loop.close()
 
 
@@ -209,26 +226,60 @@ def test_signals_from_other_senders_are_ignored(
     assert [event.kind for event in events] == ["reloading"]
 
 
+class FakeCallMessage:
+    def __init__(self, path: str, interface: str, member: str) -> None:
+        self.path, self.interface, self.member = path, interface, member
+        self.signature = ""
+        self.args: tuple[Any, ...] = ()
+
+    def append_data(self, signature: str, *args: Any) -> None:
+        self.signature, self.args = signature, args
+
+
+class FakeReply:
+    def __init__(self, contents: Any) -> None:
+        self.contents = contents
+
+    def get_contents(self) -> Any:
+        return self.contents
+
+
 class FakeCallBus:
-    """Plays the call connection: StopUnit answers with a job path."""
+    """Plays sdbus's call connection: ANSWER gives a call's reply contents, or raises."""
 
-    def __init__(self, path: bytes) -> None:
-        self.path = path
+    def __init__(self, answer: Callable[[FakeCallMessage], Any]) -> None:
+        self.answer = answer
+        self.calls: list[FakeCallMessage] = []
+        self.closed = False
 
-    def call_method(
-        self, destination: bytes, path: bytes, interface: bytes, method: bytes, args: Any
-    ) -> Any:
-        reply = FakeMessage(b"", b"", b"", None)
-        reply.body = self.path
-        return reply
+    def new_method_call_message(
+        self, destination: str, path: str, interface: str, member: str
+    ) -> FakeCallMessage:
+        assert destination == "org.freedesktop.systemd1"
+        message = FakeCallMessage(path, interface, member)
+        self.calls.append(message)
+        return message
+
+    async def call_async(self, message: FakeCallMessage) -> FakeReply:
+        await asyncio.sleep(0)  # the reply comes later, on the loop
+        return FakeReply(self.answer(message))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def use_call_bus(systemd: Systemd, answer: Callable[[FakeCallMessage], Any]) -> FakeCallBus:
+    fake = FakeCallBus(answer)
+    systemd._call_bus = cast(SdBus, fake)
+    return fake
 
 
 def test_job_result_that_arrives_before_the_reply_is_not_lost(
     adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
 ) -> None:
     systemd, bus, _events = adapter
-    job = b"/org/freedesktop/systemd1/job/42"
-    systemd._call_bus = FakeCallBus(job)
+    job = "/org/freedesktop/systemd1/job/42"
+    calls = use_call_bus(systemd, lambda message: job)
     unit = "svm-a.scope"
 
     async def scenario() -> str:
@@ -236,20 +287,22 @@ def test_job_result_that_arrives_before_the_reply_is_not_lost(
         await asyncio.sleep(0)  # the watch is registered, the call is in flight
         bus.queue += [
             manager_signal(b"JobRemoved", [41, b"/x/job/41", unit.encode(), b"canceled"]),
-            manager_signal(b"JobRemoved", [42, job, unit.encode(), b"done"]),
+            manager_signal(b"JobRemoved", [42, job.encode(), unit.encode(), b"done"]),
         ]
         systemd._drain()  # both JobRemoved before the StopUnit reply reached the loop
         return await stopping
 
     assert systemd._loop.run_until_complete(scenario()) == "done"
     assert systemd._job_watches == {}
+    (call,) = calls.calls
+    assert (call.member, call.signature, call.args) == ("StopUnit", "ss", (unit, "replace"))
 
 
 def test_lost_signal_connection_fails_waiting_jobs(
     adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
 ) -> None:
     systemd, _bus, _events = adapter
-    systemd._call_bus = FakeCallBus(b"/org/freedesktop/systemd1/job/1")
+    use_call_bus(systemd, lambda message: "/org/freedesktop/systemd1/job/1")
 
     async def scenario() -> str:
         stopping = asyncio.ensure_future(systemd.stop_unit("svm-a.scope"))
@@ -262,6 +315,92 @@ def test_lost_signal_connection_fails_waiting_jobs(
 
     with pytest.raises(SystemdError, match="gone"):
         systemd._loop.run_until_complete(scenario())
+
+
+def unit_answers(
+    properties: dict[tuple[str, str], str], errors: dict[str, Exception] | None = None
+) -> Callable[[FakeCallMessage], Any]:
+    """systemd's answers for GetUnit and Properties.Get (a variant), or an error by member."""
+
+    def answer(message: FakeCallMessage) -> Any:
+        if errors and message.member in errors:
+            raise errors[message.member]
+        if message.member == "GetUnit":
+            return "/org/freedesktop/systemd1/unit/svm_2da_2escope"
+        assert message.member == "Get"
+        assert message.path == "/org/freedesktop/systemd1/unit/svm_2da_2escope"
+        return ("s", properties[message.args[0], message.args[1]])
+
+    return answer
+
+
+UNIT_PROPS = {
+    ("org.freedesktop.systemd1.Unit", "LoadState"): "loaded",
+    ("org.freedesktop.systemd1.Unit", "ActiveState"): "failed",
+    ("org.freedesktop.systemd1.Unit", "SubState"): "failed",
+    ("org.freedesktop.systemd1.Scope", "Result"): "timeout",
+}
+
+
+def test_unit_status_reads_the_units_properties(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, _bus, _events = adapter
+    use_call_bus(systemd, unit_answers(UNIT_PROPS))
+    status = systemd._loop.run_until_complete(systemd.unit_status("svm-a.scope"))
+    assert status == UnitStatus("svm-a.scope", "loaded", "failed", "failed", "timeout")
+
+
+@pytest.mark.parametrize(
+    ("member", "name"),
+    [
+        ("GetUnit", "org.freedesktop.systemd1.NoSuchUnit"),
+        ("Get", "org.freedesktop.DBus.Error.UnknownObject"),  # unloaded after GetUnit
+    ],
+)
+def test_unit_status_of_a_unit_that_is_not_loaded_is_none(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]], member: str, name: str
+) -> None:
+    systemd, _bus, _events = adapter
+    gone: dict[str, Exception] = {member: SdBusUnmappedMessageError(name, "gone")}
+    use_call_bus(systemd, unit_answers(UNIT_PROPS, gone))
+    assert systemd._loop.run_until_complete(systemd.unit_status("svm-a.scope")) is None
+
+
+def test_call_errors_carry_systemds_message(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, _bus, _events = adapter
+    error = SdBusUnmappedMessageError(
+        "org.freedesktop.systemd1.NoSuchUnit", "Unit svm-a.scope not loaded."
+    )
+
+    def answer(message: FakeCallMessage) -> Any:
+        assert (message.member, message.signature) == ("KillUnit", "ssi")
+        assert message.args == ("svm-a.scope", "all", 9)
+        raise error
+
+    use_call_bus(systemd, answer)
+    with pytest.raises(NoSuchUnit, match=r"^killing svm-a.scope: Unit svm-a.scope not loaded.$"):
+        systemd._loop.run_until_complete(systemd.kill_unit("svm-a.scope", 9))
+
+
+def test_lost_call_connection_is_dropped_for_the_next_call(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, _bus, _events = adapter
+    error = SdBusLibraryError(
+        "File: x Line: 1. sd_bus_call_async(...) in function y returned error number: -107"
+    )
+
+    def answer(message: FakeCallMessage) -> Any:
+        raise error
+
+    fake = use_call_bus(systemd, answer)
+    with pytest.raises(SystemdError):
+        systemd._loop.run_until_complete(systemd.reset_failed("svm-a.scope"))
+    assert fake.closed
+    assert systemd._call_bus is None
 
 
 # --- spawn trampoline with a fake scope creator ------------------------------------------------
