@@ -105,6 +105,9 @@ NON_TERMINATING_SIGNALS = frozenset(
     }
 )
 
+# After a hint that QEMU ended (its cgroup emptied, QMP EOF) while it does not look dead yet.
+_EXIT_RECHECK_DELAYS = (0.01, 0.05, 0.2, 1.0, 3.0)
+
 # Unit Results that prove a VM died on its own even when no daemon watched it end.
 CRASH_RESULTS = frozenset({"oom-kill", "signal", "core-dump", "exit-code"})
 
@@ -561,6 +564,18 @@ class Machine:
         Hints may be stale (a previous run's scope, a dropped connection); the process's own
         state decides.
         """
+        if run.exited.is_set():
+            return
+        if not _process_alive(run.pid):
+            run.exited.set()
+            return
+        # The kernel takes a task out of its cgroup a moment before it becomes a zombie, and a
+        # zombie held by a tracer gives no other signal: look again a bounded few times.
+        loop = asyncio.get_running_loop()
+        for delay in _EXIT_RECHECK_DELAYS:
+            loop.call_later(delay, self._recheck_dead, run)
+
+    def _recheck_dead(self, run: _Run) -> None:
         if not run.exited.is_set() and not _process_alive(run.pid):
             run.exited.set()
 

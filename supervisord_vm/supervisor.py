@@ -187,8 +187,16 @@ class Supervisor:
             machine = Machine(running_defn, self._ctx, transient=True)
             self._machines[record.name] = machine
         alive = False
+        pids: list[int] = []
+        if _is_alive(status):
+            try:
+                pids = await self._systemd.unit_pids(record.unit)
+            except SvmError as err:  # the scope ended just now
+                log.info(
+                    "VM %s: cannot read the processes of %s: %s", record.name, record.unit, err
+                )
         try:
-            if _is_alive(status) and record.pid in await self._systemd.unit_pids(record.unit):
+            if record.pid in pids:
                 alive = await machine.adopt(
                     record.pid, record.started_at, running_defn or machine.definition
                 )

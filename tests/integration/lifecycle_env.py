@@ -221,6 +221,12 @@ async def _collect_and_clean(env: Env) -> list[str]:
     leaks: list[str] = []
     for supervisor in env.supervisors:
         await supervisor.close()
+    # Reap our QEMU children first (a ptrace-held zombie keeps its scope loaded until then).
+    reapers = list(machine_module._reapers)
+    if reapers:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.gather(*reapers, return_exceptions=True)
     for status in await env.systemd.list_scopes("svm-*.scope"):
         leaks.append(f"scope {status.name} ({status.active_state}/{status.result})")
         with contextlib.suppress(Exception):
@@ -239,11 +245,5 @@ async def _collect_and_clean(env: Env) -> list[str]:
     failed = await failed_units()
     if failed:
         leaks.append(f"failed units: {failed}")
-    # Reap our QEMU children (a ptrace-held zombie is reaped once its tracer is gone).
-    reapers = list(machine_module._reapers)
-    if reapers:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WAIT):
-                await asyncio.gather(*reapers, return_exceptions=True)
     await env.systemd.close()
     return leaks
