@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
 from sdbus.sd_bus_internals import SdBusUnmappedMessageError
 
 from supervisord_vm.bus import (
+    ADMIN_GROUP,
     BUS_NAME,
     ERROR_PREFIX,
     MACHINE_INTERFACE,
@@ -38,6 +38,12 @@ EXIT_NO_SUCH_MACHINE = 4
 EXIT_TIMEOUT = 5
 EXIT_ACCESS_DENIED = 6
 
+DBUS = "org.freedesktop.DBus.Error."
+ACCESS_DENIED_ERRORS = {
+    ERROR_PREFIX + "AccessDenied",
+    DBUS + "AccessDenied",
+    DBUS + "InteractiveAuthorizationRequired",
+}
 EXIT_CODES = {
     ERROR_PREFIX + "Busy": EXIT_BUSY,
     ERROR_PREFIX + "NoSuchMachine": EXIT_NO_SUCH_MACHINE,
@@ -46,16 +52,30 @@ EXIT_CODES = {
     "org.freedesktop.DBus.Error.AccessDenied": EXIT_ACCESS_DENIED,
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": EXIT_ACCESS_DENIED,
 }
-NOT_RUNNING_ERRORS = {
-    "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NameHasNoOwner",
-    "org.freedesktop.systemd1.NoSuchUnit",
-    "org.freedesktop.systemd1.UnitMasked",
-}
 NOT_RUNNING_HINT = "daemon not running: systemctl start supervisord-vm"
+SERVICE_HINT = "see `systemctl status supervisord-vm` and `journalctl -u supervisord-vm`"
 # sd-bus gives up on a reply after 25 s by default; shutdown and destroy may legitimately take
-# longer (the caller chooses the timeout), so let the daemon decide when a call ends.
-CALL_TIMEOUT = "7d"
+# longer (the caller chooses the timeout, a VM's stop timeout may be up to an hour), so the
+# daemon, not the bus library, decides when a call ends.
+CALL_TIMEOUT_USEC = 7 * 24 * 3600 * 1_000_000
+
+# What a refused method would have done, for "permission denied: starting VMs needs ...".
+ACTIONS = {
+    "Define": "defining VMs",
+    "Undefine": "removing VM definitions",
+    "Create": "creating VMs",
+    "Start": "starting VMs",
+    "Shutdown": "shutting VMs down",
+    "ShutdownAll": "shutting all VMs down",
+    "Destroy": "destroying VMs",
+    "Kill": "sending signals to VMs",
+    "Reboot": "rebooting VMs",
+    "Reset": "resetting VMs",
+    "Pause": "pausing VMs",
+    "Resume": "resuming VMs",
+    "Reload": "reloading definitions",
+    "GetLog": "reading a VM's QEMU output",
+}
 
 STATUS_KEYS = (
     "name",
@@ -106,15 +126,47 @@ def _error_name_and_text(exc: SdBusBaseError) -> tuple[str, str]:
     return str(name), text
 
 
-def _translate(exc: SdBusBaseError) -> CommandError:
-    name, text = _error_name_and_text(exc)
-    if name in NOT_RUNNING_ERRORS:
-        return CommandError(f"{NOT_RUNNING_HINT} ({text or name})")
-    if name == "org.freedesktop.DBus.Error.AccessDenied":
-        text = f"permission denied: {text}" if text else "permission denied"
-    if name == "org.freedesktop.DBus.Error.NoReply":
-        text = f"no reply from supervisord-vm ({text})"
-    return CommandError(text or name or type(exc).__name__, EXIT_CODES.get(name, EXIT_FAILURE))
+def permission_denied(method: str) -> CommandError:
+    """The same sentence whether the bus policy or the daemon itself refused the call."""
+    action = ACTIONS.get(method, f"calling {method}")
+    return CommandError(
+        f"permission denied: {action} needs root or membership in group '{ADMIN_GROUP}'",
+        EXIT_ACCESS_DENIED,
+    )
+
+
+def translate(name: str, text: str, method: str) -> CommandError:
+    """A D-Bus error as a sentence for a person; the daemon's own errors already are one."""
+    if name in ACCESS_DENIED_ERRORS:
+        return permission_denied(method)
+    if name in ("org.freedesktop.DBus.Error.ServiceUnknown", DBUS + "NameHasNoOwner"):
+        return CommandError(NOT_RUNNING_HINT)
+    if name == "org.freedesktop.systemd1.UnitMasked":
+        return CommandError(
+            f"{NOT_RUNNING_HINT} (supervisord-vm.service is masked: "
+            "systemctl unmask supervisord-vm first)"
+        )
+    if name == "org.freedesktop.systemd1.NoSuchUnit":
+        return CommandError(
+            "daemon not running, and supervisord-vm.service is not installed (make install)"
+        )
+    if name == DBUS + "TimedOut" or name.startswith(DBUS + "Spawn."):
+        return CommandError(f"daemon not running and it failed to start on demand; {SERVICE_HINT}")
+    if name in (DBUS + "NoReply", DBUS + "Timeout"):
+        return CommandError(f"no reply from supervisord-vm to {method}; {SERVICE_HINT}")
+    if name == DBUS + "Disconnected":
+        return CommandError("lost the connection to the system bus")
+    if name == DBUS + "UnknownObject":
+        return CommandError("no such VM (it went away meanwhile)", EXIT_NO_SUCH_MACHINE)
+    if name in (DBUS + "UnknownMethod", DBUS + "UnknownInterface"):
+        return CommandError(
+            f"supervisord-vm does not know {method}: is the running daemon older than svmctl? "
+            "(systemctl restart supervisord-vm)"
+        )
+    if name.startswith(ERROR_PREFIX):
+        return CommandError(text or name, EXIT_CODES.get(name, EXIT_FAILURE))
+    detail = f"{name}: {text}" if name and text else name or text
+    return CommandError(f"{method} failed: {detail}", EXIT_CODES.get(name, EXIT_FAILURE))
 
 
 class Client:
@@ -132,7 +184,7 @@ class Client:
         try:
             reply = await self.bus.call_async(message)
         except SdBusBaseError as exc:
-            raise _translate(exc) from None
+            raise translate(*_error_name_and_text(exc), method) from None
         return reply.get_contents()
 
     async def manager(self, method: str, signature: str = "", *args: Any) -> Any:
@@ -546,11 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", CALL_TIMEOUT)
     try:
         bus = sd_bus_open_system()
     except SdBusBaseError as exc:
-        raise CommandError(f"cannot connect to the system bus: {exc}") from None
+        raise CommandError(f"cannot connect to the system bus (is dbus running?): {exc}") from None
+    bus.method_call_timeout_usec = CALL_TIMEOUT_USEC
     try:
         handler = args.handler
         result: int = await handler(Client(bus), args)

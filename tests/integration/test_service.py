@@ -313,7 +313,13 @@ def test_non_root_may_read_but_not_change(vm: Callable[..., str]) -> None:
     ):
         result = svm(*args, user=USER)
         assert result.returncode == 6, (args, result.stderr)
-        assert "denied" in result.stderr.lower()
+        assert "svmctl: permission denied: " in result.stderr
+        assert "needs root or membership in group 'supervisord-vm'" in result.stderr
+        assert "Rejected" not in result.stderr and "matched rules" not in result.stderr
+    assert svm("start", name, user=USER).stderr == (
+        "svmctl: permission denied: starting VMs needs root or membership in group "
+        "'supervisord-vm'\n"
+    )
     assert status(name)["state"] == "shutoff"
     # A member of group supervisord-vm may change things.
     assert svm("start", name, user=MEMBER).returncode == 0
@@ -357,7 +363,12 @@ def test_daemon_authorizes_even_if_the_bus_policy_allows(vm: Callable[..., str])
             name,
         )
         assert "org.supervisordvm1.Error.AccessDenied" in result.stderr
-        assert svm("start", name, user=USER).returncode == 6
+        refused = svm("start", name, user=USER)
+        assert refused.returncode == 6
+        assert refused.stderr == (
+            "svmctl: permission denied: starting VMs needs root or membership in group "
+            "'supervisord-vm'\n"
+        )
     finally:
         policy.unlink()
         sh(*reload, check=True)
@@ -452,6 +463,31 @@ def test_long_operation_does_not_block_other_clients(vm: Callable[..., str]) -> 
         assert time.monotonic() - started < 2
     finally:
         assert slow.wait(timeout=20) == 5
+
+
+def test_calls_longer_than_the_bus_default_timeout(vm: Callable[..., str]) -> None:
+    """sd-bus's default reply timeout is 25 s: svmctl must wait for the daemon's own answer."""
+    deaf = vm("st_long1", DEAF_IMAGE)
+    stuck = vm("st_long2", DEAF_IMAGE, stop_timeout=60)
+    pid = int(str(status(stuck)["pid"]))
+    os.kill(pid, signal.SIGSTOP)  # SIGTERM stays pending: a graceful destroy must time out
+    try:
+        started = time.monotonic()
+        calls = [
+            subprocess.Popen(["/usr/local/bin/svmctl", *args], stderr=subprocess.PIPE, text=True)
+            for args in (
+                ("shutdown", deaf, "--timeout", "28"),
+                ("destroy", stuck, "--graceful", "--timeout", "28"),
+            )
+        ]
+        outcomes = [(call.wait(timeout=90), call.communicate()[1]) for call in calls]
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert outcomes[0][0] == 5, outcomes  # the daemon's Timeout, not a bus NoReply
+    assert outcomes[1][0] == 3, outcomes  # the daemon's Busy
+    assert all("no reply" not in err.lower() for _, err in outcomes), outcomes
+    assert 28 <= elapsed < 45, elapsed
 
 
 def test_events_follow_shows_other_clients_operations(vm: Callable[..., str]) -> None:

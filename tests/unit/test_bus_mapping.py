@@ -8,7 +8,7 @@ import pytest
 from sdbus import DbusFailedError, decode_object_path
 
 from supervisord_vm import bus, errors
-from supervisord_vm.cli import EXIT_CODES, build_parser
+from supervisord_vm.cli import ACTIONS, EXIT_CODES, build_parser, translate
 from supervisord_vm.model import DestroyMode
 
 CORE_ERRORS = [
@@ -92,3 +92,53 @@ def test_usage_errors_exit_2() -> None:
     assert args.graceful and args.timeout == 3.0 and args.json is False
     assert parser.parse_args(["--json", "list"]).json is True
     assert parser.parse_args(["list", "--json"]).json is True
+
+
+POLICY_REJECTION = (
+    'Rejected send message, 2 matched rules; type="method_call", sender=":1.7" (uid=1001 '
+    'pid=152 comm="svmctl") interface="org.supervisordvm1.Manager" member="Start" error '
+    'name="(unset)" requested_reply="0" destination="org.supervisordvm1"'
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "org.freedesktop.DBus.Error.AccessDenied",
+        "org.supervisordvm1.Error.AccessDenied",
+        "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+    ],
+)
+def test_permission_errors_read_as_a_sentence(name: str) -> None:
+    """Whoever refused (bus policy or daemon), the user reads what needs which rights."""
+    error = translate(name, POLICY_REJECTION, "Start")
+    assert error.code == 6
+    assert str(error) == (
+        "permission denied: starting VMs needs root or membership in group 'supervisord-vm'"
+    )
+    for method in ACTIONS:
+        assert "Rejected" not in str(translate(name, POLICY_REJECTION, method))
+
+
+def test_bus_errors_read_as_sentences() -> None:
+    cases = {
+        "org.freedesktop.DBus.Error.ServiceUnknown": "daemon not running: systemctl start",
+        "org.freedesktop.DBus.Error.NameHasNoOwner": "daemon not running: systemctl start",
+        "org.freedesktop.systemd1.UnitMasked": "systemctl unmask supervisord-vm",
+        "org.freedesktop.systemd1.NoSuchUnit": "not installed",
+        "org.freedesktop.DBus.Error.TimedOut": "failed to start on demand",
+        "org.freedesktop.DBus.Error.Spawn.ChildExited": "failed to start on demand",
+        "org.freedesktop.DBus.Error.NoReply": "no reply from supervisord-vm to Destroy",
+        "org.freedesktop.DBus.Error.UnknownMethod": "does not know Destroy",
+    }
+    for name, expected in cases.items():
+        error = translate(name, "raw library text", "Destroy")
+        assert expected in str(error), name
+        assert "raw library text" not in str(error), name
+        assert error.code == 1
+    daemon = translate("org.supervisordvm1.Error.Busy", "web1: still running after 3 s", "Destroy")
+    assert (str(daemon), daemon.code) == ("web1: still running after 3 s", 3)
+    gone = translate("org.freedesktop.DBus.Error.UnknownObject", "raw", "GetAll")
+    assert gone.code == 4
+    other = translate("org.example.Error.Odd", "odd text", "Reboot")
+    assert str(other) == "Reboot failed: org.example.Error.Odd: odd text"
