@@ -56,6 +56,7 @@ LIBDIR ?= $(PREFIX)/lib/supervisord-vm
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+DOCDIR ?= $(PREFIX)/share/doc/supervisord-vm
 DBUSPOLICYDIR ?= /usr/share/dbus-1/system.d
 DBUSSERVICEDIR ?= /usr/share/dbus-1/system-services
 DEFAULTDIR ?= /etc/default
@@ -77,13 +78,15 @@ install:
 	fi
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(TMPFILESDIR) \
 		$(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(DBUSSERVICEDIR) \
-		$(DESTDIR)$(DEFAULTDIR) $(DESTDIR)/etc/supervisord-vm/vms
+		$(DESTDIR)$(DEFAULTDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)/etc/supervisord-vm/vms
 	ln -sfn $(LIBDIR)/venv/bin/svmctl $(DESTDIR)$(BINDIR)/svmctl
 	ln -sfn $(LIBDIR)/venv/bin/supervisord-vm $(DESTDIR)$(BINDIR)/supervisord-vm
 	for unit in supervisord-vm.service supervisord-vm-guests.service; do \
-		sed 's|@BINDIR@|$(BINDIR)|g' units/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+			units/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
 	done
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -m 0644 units/supervisord-vm.tmpfiles $(DESTDIR)$(TMPFILESDIR)/supervisord-vm.conf
 	install -m 0644 units/supervisord-vm.sysusers $(DESTDIR)$(SYSUSERSDIR)/supervisord-vm.conf
 	install -m 0644 units/org.supervisordvm1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.supervisordvm1.conf
@@ -113,7 +116,7 @@ uninstall:
 		$(DESTDIR)$(TMPFILESDIR)/supervisord-vm.conf $(DESTDIR)$(SYSUSERSDIR)/supervisord-vm.conf \
 		$(DESTDIR)$(DBUSPOLICYDIR)/org.supervisordvm1.conf \
 		$(DESTDIR)$(DBUSSERVICEDIR)/org.supervisordvm1.service
-	rm -rf $(DESTDIR)$(LIBDIR)
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
 	if [ -z "$(DESTDIR)" ] && $(SYSTEMD_RUNNING); then \
 		systemctl daemon-reload; \
 		busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig; \

@@ -582,6 +582,12 @@ def test_service_status_and_notify(service: None) -> None:
         "systemctl", "show", "-P", "WatchdogUSec", "supervisord-vm.service"
     ).stdout.strip() not in ("", "0", "infinity")
 
+    for unit in ("supervisord-vm.service", "supervisord-vm-guests.service"):
+        docs = sh("systemctl", "show", "-P", "Documentation", unit).stdout.split()
+        assert docs, unit
+        for url in docs:  # no dead references: every one is an installed file
+            assert url.startswith("file://") and Path(url.removeprefix("file://")).is_file(), url
+
 
 # --- host shutdown -------------------------------------------------------------------------------
 
