@@ -7,8 +7,12 @@ import contextlib
 import json
 import os
 import pwd
+import re
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -587,6 +591,134 @@ def test_service_status_and_notify(service: None) -> None:
         assert docs, unit
         for url in docs:  # no dead references: every one is an installed file
             assert url.startswith("file://") and Path(url.removeprefix("file://")).is_file(), url
+
+
+class NotifyListener:
+    """The receiving end of NOTIFY_SOCKET, as systemd has it: a unix datagram socket."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="svmt-", dir="/run"))
+        self.path = self.directory / "notify"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(self.path))
+        self.messages: list[str] = []
+
+    def collect(self, seconds: float) -> list[str]:
+        """Every message that arrives within SECONDS."""
+        got: list[str] = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.socket.settimeout(left)
+            try:
+                got.append(self.socket.recv(4096).decode())
+            except TimeoutError:
+                break
+        self.messages += got
+        return got
+
+    def until(self, field: str, timeout: float = 20) -> list[str]:
+        """Messages up to and including the first with FIELD (e.g. READY=1) as one of its lines."""
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while not got or field not in got[-1].splitlines():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {field} within {timeout} s; got {got}")
+            self.socket.settimeout(left)
+            try:
+                got.append(self.socket.recv(4096).decode())
+            except TimeoutError:
+                continue
+        self.messages += got
+        return got
+
+    def close(self) -> None:
+        self.socket.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def protocol(messages: list[str]) -> list[str]:
+    """The lines that matter for ordering: everything but the watchdog pings and STATUS."""
+    return [
+        line
+        for message in messages
+        for line in message.splitlines()
+        if line != "WATCHDOG=1" and not line.startswith("STATUS=")
+    ]
+
+
+STATUS_LINE = re.compile(r"^STATUS=(\d+) running, (\d+) defined$")
+
+
+def test_sd_notify_protocol(vm: Callable[..., str]) -> None:
+    """The installed daemon run directly against a NOTIFY_SOCKET this test reads (no systemd
+    in between, the service stopped so the bus name is free): READY=1 only after reattach,
+    STATUS=, WATCHDOG=1, RELOADING=1/READY=1 around SIGHUP and Reload, STOPPING=1 on SIGTERM."""
+    name = vm("st_notify")
+    pid = int(str(status(name)["pid"]))
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith(b"NOTIFY_SOCKET=")]  # QEMU never inherits it
+    sh("systemctl", "stop", "supervisord-vm.service", check=True)
+    listener = NotifyListener()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("NOTIFY_", "WATCHDOG_", "JOURNAL_STREAM", "LISTEN_"))
+    }
+    env.update(NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="400000")
+    # QEMU stopped: the daemon's QMP reconnect cannot complete, so neither can reattach.
+    os.kill(pid, signal.SIGSTOP)
+    daemon = subprocess.Popen(
+        ["/bin/sh", "-c", "WATCHDOG_PID=$$ exec /usr/local/bin/supervisord-vm"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        early = listener.collect(3)
+        assert "READY=1" not in protocol(early), early
+        assert "STATUS=reattaching to running VMs" in early, early
+        assert early.count("WATCHDOG=1") >= 5, early  # every 0.2 s, even while reattaching
+        os.kill(pid, signal.SIGCONT)
+        startup = listener.until("READY=1")
+        ready = startup[-1].splitlines()
+        statuses = [line for line in ready if line.startswith("STATUS=")]
+        assert len(statuses) == 1, ready
+        counts = STATUS_LINE.match(statuses[0])
+        assert counts is not None, statuses
+        assert int(counts[1]) >= 1  # the VM counted as running when READY went out ...
+        assert status(name)["pid"] == pid and status(name)["state"] == "running"  # ... and is
+
+        daemon.send_signal(signal.SIGHUP)
+        assert protocol(listener.until("READY=1")) == ["RELOADING=1", "READY=1"]
+        assert svm("reload").returncode == 0  # the Reload method
+        assert protocol(listener.until("READY=1")) == ["RELOADING=1", "READY=1"]
+
+        assert listener.collect(1).count("WATCHDOG=1") >= 3
+
+        daemon.send_signal(signal.SIGTERM)
+        stopping = listener.until("STOPPING=1")
+        assert protocol(stopping) == ["STOPPING=1"]
+        assert daemon.wait(timeout=20) == 0
+        assert Path(f"/proc/{pid}").exists() and scope_active(name)  # the VM keeps running
+        phases = (
+            "reattaching to running VMs",
+            "reloading definitions",
+            "stopping (VMs keep running)",
+        )
+        for message in listener.messages:
+            for line in message.splitlines():
+                if line.startswith("STATUS=") and line[len("STATUS=") :] not in phases:
+                    assert STATUS_LINE.match(line), line
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        if daemon.poll() is None:
+            daemon.kill()
+        _, errors = daemon.communicate(timeout=20)
+        listener.close()
+        sh("systemctl", "start", "supervisord-vm.service", check=True)
+    assert status(name)["pid"] == pid and status(name)["state"] == "running", errors
 
 
 # --- host shutdown -------------------------------------------------------------------------------
