@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -294,7 +295,8 @@ def run(argv: Sequence[str], keep: bool) -> int:
         if sandbox is not None and keep and status != 130:
             print(
                 f"sandbox: left running. Shell: nsenter -t {sandbox.leader_pid} -a bash\n"
-                f"sandbox: tear down: python -m tests.sandbox --stop {sandbox.directory}",
+                f"sandbox: tear down: cd {shlex.quote(str(CHECKOUT))} && "
+                f".venv/bin/python -m tests.sandbox --stop {shlex.quote(str(sandbox.directory))}",
                 file=sys.stderr,
             )
         elif sandbox is not None:
