@@ -105,8 +105,9 @@ NON_TERMINATING_SIGNALS = frozenset(
     }
 )
 
-# After a hint that QEMU ended (its cgroup emptied, QMP EOF) while it does not look dead yet.
-_EXIT_RECHECK_DELAYS = (0.01, 0.05, 0.2, 1.0, 3.0)
+# Linux's PF_EXITING task flag (/proc/PID/task/TID/stat field 9): set when a thread begins to
+# exit, before it drops its files (QMP EOF) and leaves its cgroup (the scope empties).
+_PF_EXITING = 0x4
 
 # Unit Results that prove a VM died on its own even when no daemon watched it end.
 CRASH_RESULTS = frozenset({"oom-kill", "signal", "core-dump", "exit-code"})
@@ -185,7 +186,6 @@ class MachineContext:
     qmp_connect_timeout: float = 10.0
     settle_timeout: float = 5.0  # how long an exit waits for QMP EOF / the unit's final state
     force_timeout: float = 40.0  # libvirt's give-up time for SIGKILL
-    reboot_timeout: float = 120.0
 
 
 @dataclass
@@ -210,8 +210,10 @@ class _Run:
     external_stop: bool = False
     shutdown_guest: bool | None = None
     shutdown_reason: str = ""
-    rebooting: bool = False
-    reboot_powered_off: asyncio.Event = field(default_factory=asyncio.Event)
+    rebooting: bool = False  # set-action shutdown=pause is in force for a requested reboot
+    reboot_guest_off: bool = False  # ... and the guest powered off: reset it when QEMU paused
+    stopping_itself: bool = False  # the scope ended with QEMU alive: the daemon stops it
+    stop_timed_out: bool = False  # ... and had to SIGKILL it after the stop timeout
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -554,30 +556,52 @@ class Machine:
         if event.kind == "removed" or (
             event.status is not None and event.status.active_state in ("inactive", "failed")
         ):
-            # The cgroup is empty. A QEMU whose threads are held by a ptrace tracer is then a
-            # zombie that neither its pidfd nor waitpid reports until the tracer lets go.
+            # Normally the cgroup is empty now. A QEMU whose threads are held by a ptrace tracer
+            # is then a zombie that neither its pidfd nor waitpid reports until the tracer lets
+            # go, so the threads' own state decides.
             self._exited_if_dead(run)
+            if not run.exited.is_set() and (run.destroy_requested or run.external_stop):
+                self._stop_behind_ended_scope(run)
 
     def _exited_if_dead(self, run: _Run) -> None:
-        """Take an exit hint (unit ended, QMP EOF) as the exit once the process is dead.
+        """Take an exit hint (unit ended, QMP EOF) as the exit once every thread is exiting.
 
-        Hints may be stale (a previous run's scope, a dropped connection); the process's own
-        state decides.
+        Hints may be stale (a previous run's scope, a dropped connection) or wrong (systemd can
+        end a scope whose process it failed to signal): the threads' own state decides. A
+        thread sets PF_EXITING before it drops its files or leaves its cgroup, so when either
+        hint is true this check already sees it: no second look is needed.
         """
-        if run.exited.is_set():
-            return
-        if not _process_alive(run.pid):
+        if not run.exited.is_set() and _process_ended(run.pid):
             run.exited.set()
-            return
-        # The kernel takes a task out of its cgroup a moment before it becomes a zombie, and a
-        # zombie held by a tracer gives no other signal: look again a bounded few times.
-        loop = asyncio.get_running_loop()
-        for delay in _EXIT_RECHECK_DELAYS:
-            loop.call_later(delay, self._recheck_dead, run)
 
-    def _recheck_dead(self, run: _Run) -> None:
-        if not run.exited.is_set() and not _process_alive(run.pid):
-            run.exited.set()
+    def _stop_behind_ended_scope(self, run: _Run) -> None:
+        """The scope was stopped and ended, yet QEMU runs on: do the stop systemd did not.
+
+        Seen with systemd 252: when reading the scope's cgroup.procs fails (EIO) its stop
+        signals nobody, and the scope still ends `inactive`/`success` with QEMU inside.
+        """
+        if run.stopping_itself:
+            return
+        run.stopping_itself = True
+        log.warning(
+            "VM %s: scope %s ended but QEMU (pid %d) is still running; stopping it directly",
+            self.name,
+            self.unit,
+            run.pid,
+        )
+        self._spawn(run, self._stop_process(run))
+
+    async def _stop_process(self, run: _Run) -> None:
+        """SIGTERM (with SIGCONT), SIGKILL after the stop timeout: the scope's own stop."""
+        _signal_run(run, signal.SIGTERM)
+        _signal_run(run, signal.SIGCONT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(run.exited.wait()), float(self._running_definition.stop_timeout)
+            )
+            return
+        run.stop_timed_out = True
+        _signal_run(run, signal.SIGKILL)
 
     async def _exit_on_qmp_eof(self, run: _Run, session: QmpSession) -> None:
         await session.wait_closed()
@@ -589,14 +613,17 @@ class Machine:
         if event.name == "SHUTDOWN":
             guest = event.data.get("guest") is True
             if run.rebooting and guest:
-                run.reboot_powered_off.set()
+                run.reboot_guest_off = True  # QEMU pauses now (STOP follows) instead of exiting
                 return
-            run.shutdown_guest = guest
-            run.shutdown_reason = str(event.data.get("reason", ""))
+            if run.shutdown_guest is not True:  # a guest power-off stays one (quit after it)
+                run.shutdown_guest = guest
+                run.shutdown_reason = str(event.data.get("reason", ""))
         elif event.name == "STOP":
-            if self.state is State.RUNNING and run.shutdown_guest is None and not run.rebooting:
+            if run.reboot_guest_off:
+                self._spawn(run, self._finish_reboot(run))
+            elif self.state is State.RUNNING and run.shutdown_guest is None:
                 self._set_state(State.PAUSED, EventType.PAUSED)
-        elif event.name == "RESUME" and self.state is State.PAUSED and not run.rebooting:
+        elif event.name == "RESUME" and self.state is State.PAUSED and not run.reboot_guest_off:
             self._set_state(State.RUNNING, EventType.RESUMED)
 
     async def _watch_exit(self, run: _Run) -> None:
@@ -619,6 +646,8 @@ class Machine:
             if code is not None:
                 exit_status, exit_signal = (None, -code) if code < 0 else (code, None)
         result = await self._final_unit_result(run)
+        if run.stop_timed_out:
+            result = "timeout"  # our stop behind the ended scope had to SIGKILL
         facts = ExitFacts(
             start_failed=run.start_failed,
             destroy_requested=run.destroy_requested,
@@ -712,7 +741,17 @@ class Machine:
             qmp = self._qmp(run)
             self._set_state(State.STOPPING, EventType.STOPPING, "ACPI power button")
             try:
-                await qmp.execute("system_powerdown")
+                if run.rebooting:  # cancel the pending reboot: a power-off must end QEMU
+                    run.rebooting = False
+                    await qmp.execute("set-action", {"shutdown": "poweroff"})
+                if run.reboot_guest_off:
+                    # The guest already powered off for the reboot; QEMU waits paused for the
+                    # reset. That power-off is the one asked for now: let QEMU go.
+                    run.reboot_guest_off = False
+                    run.shutdown_guest, run.shutdown_reason = True, "guest-shutdown"
+                    await qmp.execute("quit")
+                else:
+                    await qmp.execute("system_powerdown")
             except QmpDisconnected:
                 pass  # QEMU is going away anyway: wait for the exit below
             except QmpError as err:
@@ -756,6 +795,7 @@ class Machine:
         systemd = self._ctx.systemd
         previous = self.state
         run.destroy_requested = True
+        run.rebooting = run.reboot_guest_off = False  # a pending reboot is cancelled
         if self.state is not State.STOPPING:
             self._set_state(State.STOPPING, EventType.STOPPING, f"destroy ({mode})")
         if mode is DestroyMode.FORCE:
@@ -787,6 +827,11 @@ class Machine:
         else:
             with contextlib.suppress(NoSuchUnit):  # already ended: the exit is being settled
                 await systemd.stop_unit(self.unit)
+            self._exited_if_dead(run)
+            if not run.exited.is_set():
+                status = await systemd.unit_status(self.unit)
+                if status is None or status.active_state in ("inactive", "failed"):
+                    self._stop_behind_ended_scope(run)
             limit = timeout if timeout is not None else self._ctx.force_timeout
             try:
                 await asyncio.wait_for(asyncio.shield(run.settled), limit)
@@ -812,33 +857,45 @@ class Machine:
         await self._kill_unit(run, sig)
 
     async def reboot(self) -> None:
-        """ACPI reboot: power button with QEMU set to pause on guest power-off, then reset+cont.
+        """Ask the guest to reboot (ACPI) and return once asked, like `virsh reboot`.
 
-        QMP has no ACPI reboot command; this is libvirt's "fake reboot" with `set-action`. A guest
-        that ignores the button gets OperationTimeout and keeps running (use reset).
+        QMP has no ACPI reboot: this is libvirt's "fake reboot". QEMU is set to pause instead
+        of exiting when the guest powers off (`set-action shutdown=pause`) and the power button
+        is pressed; the call returns then. When the guest later powers off (SHUTDOWN with
+        guest=true, then STOP), the daemon resets it in the same QEMU (`system_reset`, `cont`),
+        restores `shutdown=poweroff` and emits `rebooted`. A guest that ignores the button just
+        keeps running with the reboot pending (reset forces it). A later shutdown or destroy
+        cancels the pending reboot: shutdown restores the power-off action before it acts, so
+        the guest's next power-off really ends QEMU.
         """
         async with self._lock:
             run = self._current(Operation.REBOOT)
             qmp = self._qmp(run)
+            await qmp.execute("set-action", {"shutdown": "pause"})
             run.rebooting = True
-            run.reboot_powered_off.clear()
             try:
-                await qmp.execute("set-action", {"shutdown": "pause"})
                 await qmp.execute("system_powerdown")
-                try:
-                    async with asyncio.timeout(self._ctx.reboot_timeout):
-                        await run.reboot_powered_off.wait()
-                except TimeoutError:
-                    raise OperationTimeout(
-                        f"VM {self.name} did not react to the ACPI power button within "
-                        f"{self._ctx.reboot_timeout:g} s; it is still running (reset forces it)"
-                    ) from None
-                await qmp.execute("system_reset")
-                await qmp.execute("cont")
-            finally:
+            except QmpError:
+                run.rebooting = False
                 with contextlib.suppress(QmpError):
                     await qmp.execute("set-action", {"shutdown": "poweroff"})
-                run.rebooting = False
+                raise
+
+    async def _finish_reboot(self, run: _Run) -> None:
+        """The guest powered off for a requested reboot and QEMU paused: reset and go on."""
+        async with self._lock:
+            if self._run is not run or not run.rebooting or not run.reboot_guest_off:
+                return  # cancelled meanwhile (shutdown, destroy) or already done
+            qmp = self._qmp(run)
+            try:
+                await qmp.execute("set-action", {"shutdown": "poweroff"})
+                await qmp.execute("system_reset")
+                await qmp.execute("cont")
+            except QmpError as err:
+                log.warning("VM %s: reboot after the guest's power-off failed: %s", self.name, err)
+                return
+            finally:
+                run.rebooting = run.reboot_guest_off = False
             self._emit(EventType.REBOOTED)
 
     async def reset(self) -> None:
@@ -863,14 +920,36 @@ class Machine:
                 self._set_state(State.RUNNING, EventType.RESUMED)
 
 
-def _process_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
+def _process_ended(pid: int) -> bool:
+    """True once every thread of PID is exiting or dead (or the process is gone).
+
+    The leader alone does not tell: after SIGKILL it is a zombie while other threads may still
+    be stuck (uninterruptible I/O), and before SIGKILL a scope may end with all of them alive.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return False
-    return bool(fields) and fields[0] != b"Z"
+        return True
+    for thread in threads:
+        try:
+            with (thread / "stat").open("rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue  # this thread is gone
+        if len(fields) < 7:
+            continue
+        if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
+            return False
+    return True
+
+
+def _signal_run(run: _Run, sig: int) -> None:
+    """Signal QEMU through its pidfd (never a recycled PID); gone already is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        if run.pidfd is not None:
+            signal.pidfd_send_signal(run.pidfd, sig)
+        else:
+            os.kill(run.pid, sig)
 
 
 def _traced(pid: int) -> bool:

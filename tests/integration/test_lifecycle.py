@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,9 @@ from supervisord_vm.errors import (
 )
 from supervisord_vm.model import DestroyMode, EventType, Reason, State
 from supervisord_vm.supervisor import RestartPolicyLimits
+from supervisord_vm.systemd import UnitEvent
 from tests.integration.lifecycle_env import (
+    WAIT,
     Env,
     alive,
     failed_units,
@@ -210,6 +213,49 @@ def test_destroy_of_qemu_surviving_sigterm_kills_after_stop_timeout() -> None:
             assert info.exit.result == "timeout"
             assert await failed_units() == ""
             await assert_gone(env, "stuck")
+
+    run(body)
+
+
+def _move_out_of_scope(pid: int) -> None:
+    """Take QEMU out of its scope behind systemd's back, so the scope ends with QEMU alive (as
+    when systemd 252 fails to read the scope's cgroup.procs during a stop: EIO, nobody is
+    signalled, the scope ends `inactive`/`success`)."""
+    for hierarchy in ("unified", "systemd"):
+        procs = Path(f"/sys/fs/cgroup/{hierarchy}/machine.slice/cgroup.procs")
+        if procs.exists():
+            procs.write_text(f"{pid}\n")
+
+
+def test_destroy_when_the_scope_ended_but_qemu_survives() -> None:
+    async def body(env: Env) -> None:
+        pid = await started(env, "orph", stop_timeout=3)
+        async with ptrace_hold(pid):
+            ended = asyncio.Event()
+
+            def on_unit(event: UnitEvent) -> None:
+                status = event.status
+                if event.kind == "removed" or (
+                    status is not None and status.active_state != "active"
+                ):
+                    ended.set()
+
+            unsubscribe = env.systemd.subscribe(on_unit)
+            try:
+                _move_out_of_scope(pid)
+                async with asyncio.timeout(WAIT):  # the empty scope ends; QEMU is still there
+                    await ended.wait()
+            finally:
+                unsubscribe()
+            assert proc_state(pid) == "t"
+            begin = time.monotonic()
+            info = await env.supervisor.destroy("orph")
+            elapsed = time.monotonic() - begin
+            assert 2.8 < elapsed < 5.0, elapsed  # SIGTERM, then SIGKILL after the stop timeout
+            assert (info.state, info.reason) == (State.SHUTOFF, Reason.DESTROYED)
+            assert info.exit.result == "timeout"
+            assert not alive(pid)
+            await assert_gone(env, "orph")
 
     run(body)
 
