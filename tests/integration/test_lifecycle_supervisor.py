@@ -3,30 +3,57 @@ and reattach to a scope whose runtime record is missing."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import pytest
 
-from supervisord_vm.model import EventType, Reason, State
+from supervisord_vm.model import Caller, EventType, Reason, State
+from supervisord_vm.supervisor import AUDIT_MESSAGE_ID, MESSAGE_IDS
 from tests.integration.lifecycle_env import Env, run_cmd, show, wait_gone
 from tests.integration.test_lifecycle import assert_gone, guest_booted, run, started
 
 pytestmark = pytest.mark.integration
 
 
-def test_reboot_is_acpi_power_off_then_reset_in_the_same_qemu() -> None:
+def test_reboot_returns_at_once_and_resets_in_the_same_qemu() -> None:
     async def body(env: Env) -> None:
         pid = await started(env, "rb1")
         await guest_booted()
+        mark = len(env.events.events)
+        begin = time.monotonic()
         await env.supervisor.reboot("rb1")
+        assert time.monotonic() - begin < 0.5  # delivered, not waited for
+        rebooted = await env.events.wait_for(
+            lambda e: e.name == "rb1" and e.event is EventType.REBOOTED, start=mark
+        )
+        assert rebooted.state is State.RUNNING
         info = env.supervisor.get_machine("rb1")
         assert (info.state, info.pid) == (State.RUNNING, pid)
-        kinds = [e for e, _ in env.events.of("rb1")]
-        assert EventType.REBOOTED in kinds
+        kinds = [e.event for e in env.events.events[mark:] if e.name == "rb1"]
         assert EventType.STOPPED not in kinds
+        assert EventType.PAUSED not in kinds  # the pause on power-off is internal
         assert (await show("svm-rb1.scope", "ActiveState"))["ActiveState"] == "active"
         await guest_booted()  # the guest booted again and answers the power button again
         info = await env.supervisor.shutdown("rb1", timeout=30)
         assert info.reason is Reason.SHUTDOWN  # set-action was restored to poweroff
         await assert_gone(env, "rb1")
+
+    run(body)
+
+
+def test_shutdown_after_an_unanswered_reboot_really_powers_off() -> None:
+    async def body(env: Env) -> None:
+        pid = await started(env, "rb2")
+        await env.supervisor.reboot("rb2")  # still booting: the button press is lost
+        assert env.supervisor.get_machine("rb2").pid == pid
+        await guest_booted()
+        info = await env.supervisor.shutdown("rb2", timeout=30)
+        assert (info.state, info.reason) == (State.SHUTOFF, Reason.SHUTDOWN)
+        assert EventType.REBOOTED not in [e for e, _ in env.events.of("rb2")]
+        await wait_gone(pid)
+        await assert_gone(env, "rb2")
 
     run(body)
 
@@ -98,5 +125,44 @@ def test_scope_without_record_is_reattached_or_stopped() -> None:
         assert (
             await run_cmd("systemctl", "list-units", "--failed", "--plain", "--no-legend")
         ) == ""
+
+    run(body)
+
+
+async def journal_entries(**match: str) -> list[dict[str, str]]:
+    """The daemon's journal entries matching FIELD=value, as `journalctl -o json` gives them."""
+    await run_cmd("journalctl", "--sync")
+    out = await run_cmd(
+        "journalctl",
+        "-o",
+        "json",
+        "--no-pager",
+        *(f"{key}={value}" for key, value in match.items()),
+    )
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_journal_has_the_lifecycle_entry_and_the_audit_entry() -> None:
+    async def body(env: Env) -> None:
+        await started(env, "jr1")
+        caller = Caller(uid=4242, pid=os.getpid())
+        await env.supervisor.destroy("jr1", caller=caller)
+        await assert_gone(env, "jr1")
+        stops = await journal_entries(VM_NAME="jr1", VM_EVENT="stopped")
+        assert len(stops) == 1, stops
+        stop = stops[0]
+        assert stop["VM_UNIT"] == "svm-jr1.scope"
+        assert stop["VM_REASON"] == "destroyed"
+        assert stop["MESSAGE_ID"] == MESSAGE_IDS[EventType.STOPPED]
+        assert stop["SYSLOG_IDENTIFIER"] == "supervisord-vm"
+        assert "jr1" in stop["MESSAGE"]
+        audits = await journal_entries(
+            MESSAGE_ID=AUDIT_MESSAGE_ID, VM_NAME="jr1", VM_OPERATION="destroy"
+        )
+        assert len(audits) == 1, audits
+        audit = audits[0]
+        assert (audit["CALLER_UID"], audit["CALLER_PID"]) == ("4242", str(os.getpid()))
+        assert audit["VM_RESULT"] == "ok"
+        assert "destroy jr1 by uid 4242" in audit["MESSAGE"]
 
     run(body)
