@@ -132,6 +132,7 @@ def test_scope_without_record_is_reattached_or_stopped() -> None:
 async def journal_entries(**match: str) -> list[dict[str, str]]:
     """The daemon's journal entries matching FIELD=value, as `journalctl -o json` gives them."""
     await run_cmd("journalctl", "--sync")
+    match = {"_PID": str(os.getpid()), **match}  # this test's supervisor, not an earlier run
     out = await run_cmd(
         "journalctl",
         "-o",
