@@ -325,24 +325,22 @@ async def _report(client: Client, args: argparse.Namespace, name: str, verb: str
     return EXIT_OK
 
 
+async def _name_of(client: Client, path: str) -> str:
+    """The Name property of a machine object (Define and Create answer with its path)."""
+    reply = await client.call(
+        path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
+    )
+    return str(reply[1])
+
+
 async def cmd_define(client: Client, args: argparse.Namespace) -> int:
     path = await client.manager("Define", "s", _read_definition(args.file))
-    name = (
-        await client.call(
-            path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
-        )
-    )[1]
-    return await _report(client, args, name, "defined")
+    return await _report(client, args, await _name_of(client, path), "defined")
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     path = await client.manager("Create", "s", _read_definition(args.file))
-    name = (
-        await client.call(
-            path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
-        )
-    )[1]
-    return await _report(client, args, name, "created and started")
+    return await _report(client, args, await _name_of(client, path), "created and started")
 
 
 async def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
