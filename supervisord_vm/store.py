@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from supervisord_vm.model import ExitInfo, Reason
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TEMP_SUFFIX))
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,27 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             temp.unlink()
         raise
     _fsync_directory(path.parent)
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes cut off by a crash (atomic_write's dotfiles).
+
+    Loaders skip them, but each crash mid-write would leave one more behind. Only for a
+    directory no other process writes to at the same time (the daemon's start-up).
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    if removed:
+        _fsync_directory(directory)
+    return removed
 
 
 def _remove(path: Path) -> bool:

@@ -42,6 +42,7 @@ from supervisord_vm.store import (
     RuntimeRecord,
     RuntimeStore,
     StateStore,
+    remove_temp_files,
 )
 from supervisord_vm.store import (
     log_path as store_log_path,
@@ -127,6 +128,17 @@ class Supervisor:
     async def start_up(self) -> None:
         """Load definitions, reattach running VMs, settle ended ones, autostart once per boot."""
         self._unsubscribe_units = self._systemd.subscribe(self._on_unit_event)
+        for directory in (
+            self.paths.definitions_dir,
+            self.paths.runtime_dir,
+            self.paths.state_dir,
+            self.paths.state_dir / "exits",
+        ):
+            try:
+                for path in remove_temp_files(directory):
+                    log.info("removed %s, left by an interrupted write", path)
+            except OSError as err:
+                log.warning("cannot clean up temporary files in %s: %s", directory, err)
         definitions, errors = self._definitions.load_all()
         for message in errors:
             log.error("ignoring definition: %s", message)
@@ -195,13 +207,17 @@ class Supervisor:
                 log.info(
                     "VM %s: cannot read the processes of %s: %s", record.name, record.unit, err
                 )
+        # pid 0: the previous daemon died starting the VM, before it knew QEMU's PID; the scope
+        # holds QEMU (or the spawn trampoline, which exits by itself) if it got that far.
+        starting = record.pid == 0
+        pid = min(pids) if starting and pids else record.pid
         try:
-            if record.pid in pids:
+            if pid in pids:
                 alive = await machine.adopt(
-                    record.pid, record.started_at, running_defn or machine.definition
+                    pid, record.started_at, running_defn or machine.definition, starting=starting
                 )
             if not alive:
-                reason = await machine.settle_ended(status)
+                reason = await machine.settle_ended(status, record.started_at, start_cut=starting)
                 log.info("VM %s ended while the daemon was not running: %s", record.name, reason)
         except SvmError as err:
             log.error("cannot reattach VM %s: %s", record.name, err)

@@ -21,6 +21,7 @@ from supervisord_vm.store import (
     StateStore,
     atomic_write,
     log_path,
+    remove_temp_files,
 )
 
 
@@ -371,3 +372,17 @@ def test_paths_defaults_and_log_path(tmp_path: Path) -> None:
     assert log_path(custom, "acc-a") == tmp_path / "acc-a.log"
     with pytest.raises(InvalidDefinition):
         log_path(paths, "../etc/passwd")
+
+
+def test_remove_temp_files_takes_only_what_a_cut_off_atomic_write_left(tmp_path: Path) -> None:
+    keep = ["web1.toml", ".hidden", ".web1.toml.tmp", ".web1.toml.XYZ0123456789abc.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text("x")
+    stale = tmp_path / ".web1.toml.0123456789abcdef.tmp"  # what SIGKILL mid-write leaves
+    stale.write_text("half")
+    (tmp_path / ".dir.0123456789abcdef.tmp").mkdir()
+    assert remove_temp_files(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*keep, ".dir.0123456789abcdef.tmp"]
+    )
+    assert remove_temp_files(tmp_path / "missing") == []
