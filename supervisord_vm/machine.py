@@ -331,6 +331,13 @@ class Machine:
         if problem is not None:
             await self._fail_without_run(f"cannot start VM {self.name}: {problem}")
         self._running_definition = defn
+        try:
+            # The intent comes first, before anything is announced or spawned: a daemon killed
+            # from here on leaves a record (pid 0 until QEMU runs) from which the next one
+            # adopts the QEMU or records the cut-off start.
+            self._save_record(_Run(pid=0, process=None, started_at=time.time()))
+        except OSError as err:
+            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
         self.reason = Reason.NONE
         self._set_state(State.STARTING, EventType.STARTING)
         runtime = self._ctx.runtime
@@ -338,7 +345,6 @@ class Machine:
         log_file = log_path(self._ctx.paths, self.name)
         try:
             await self._clear_scope()
-            runtime.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             socket_path.unlink(missing_ok=True)
             log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             log_fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -445,8 +451,19 @@ class Machine:
 
     # --- reattach -----------------------------------------------------------------------------
 
-    async def adopt(self, pid: int, started_at: float, running_definition: Definition) -> bool:
-        """Take over a QEMU a previous daemon started; False if the process is already gone."""
+    async def adopt(
+        self,
+        pid: int,
+        started_at: float,
+        running_definition: Definition,
+        *,
+        starting: bool = False,
+    ) -> bool:
+        """Take over a QEMU a previous daemon started; False if the process is already gone.
+
+        `starting`: the previous daemon died before it recorded QEMU's PID, so PID may still be
+        the spawn trampoline that exits without ever running QEMU: that ends as `failed`.
+        """
         async with self._lock:
             run = _Run(pid=pid, process=None, started_at=started_at)
             try:
@@ -460,36 +477,48 @@ class Machine:
             socket_path = self._ctx.runtime.qmp_socket(self.name)
             status: object = None
             try:
-                run.qmp = await QmpSession.connect(
-                    socket_path,
-                    timeout=self._ctx.qmp_connect_timeout,
-                    on_event=lambda event: self._on_qmp_event(run, event),
-                )
+                run.qmp = await self._connect_qmp(run, socket_path)
                 self._spawn(run, self._exit_on_qmp_eof(run, run.qmp))
                 status = await run.qmp.execute("query-status")
                 if isinstance(status, dict) and status.get("status") == "prelaunch":
                     await run.qmp.execute("cont")  # the previous daemon died mid-start
             except SvmError as err:
                 log.warning("VM %s: reattached without QMP: %s", self.name, err)
-            self._save_record(run)
             if run.exited.is_set():
-                return True  # the watcher settles it
+                run.start_failed = starting and run.qmp is None
+                await asyncio.shield(run.settled)  # settled before start-up says it is ready
+                return True
+            self._save_record(run)
             self._set_state(State.RUNNING)
             if isinstance(status, dict) and status.get("status") == "paused":
                 self._set_state(State.PAUSED)
             log.info("VM %s: reattached to pid %d", self.name, pid)
             return True
 
-    async def settle_ended(self, status: UnitStatus | None) -> Reason:
-        """Settle a run that ended while no daemon watched (found at start-up)."""
-        result = status.result if status is not None else ""
-        reason = classify_lost(result)
+    async def settle_ended(
+        self,
+        status: UnitStatus | None,
+        started_at: float | None = None,
+        *,
+        start_cut: bool = False,
+    ) -> Reason:
+        """Settle a run that ended while no daemon watched (found at start-up).
+
+        `started_at`: when the run began (from its runtime record). An exit record written
+        after that is this run's, saved by a daemon killed before it finished the cleanup:
+        its reason stands. `start_cut`: the daemon died before QEMU was known to run.
+        """
         self._running_definition = self.definition
-        await self._cleanup(
-            reason,
-            ExitInfo(result=result, time=time.time()),
-            "ended while the daemon was not running",
-        )
+        recorded = self.reason is not Reason.NONE
+        if started_at is not None and recorded and self.exit.time >= started_at:
+            await self._cleanup(self.reason, self.exit, "cleanup finished after a restart")
+            return self.reason
+        result = status.result if status is not None else ""
+        if start_cut:
+            reason, message = Reason.FAILED, "start cut off: the daemon exited before QEMU ran"
+        else:
+            reason, message = classify_lost(result), "ended while the daemon was not running"
+        await self._cleanup(reason, ExitInfo(result=result, time=time.time()), message)
         return reason
 
     async def detach(self) -> None:
@@ -695,15 +724,17 @@ class Machine:
             await self._clear_scope()
         except SvmError as err:
             log.warning("VM %s: cannot clear scope %s: %s", self.name, self.unit, err)
+        # The exit record before the runtime files: a daemon killed in between leaves the
+        # runtime record, and the next one finishes this cleanup with the recorded reason.
+        self.reason, self.exit = reason, info
+        self._record_exit()
         try:
             self._ctx.runtime.remove(self.name)
         except OSError as err:
             log.warning("VM %s: cannot remove runtime files: %s", self.name, err)
         if run is None or self._run is run:
             self._run = None
-        self.reason, self.exit = reason, info
         self.state = State.SHUTOFF  # every state may end in shutoff (TRANSITIONS)
-        self._record_exit()
         self._emit(EventType.STOPPED, message)
         if run is not None and not run.settled.done():
             run.settled.set_result(reason)
