@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -54,6 +54,7 @@ class Sandbox:
     nspawn_pid: int
     leader_pid: int
     checkout: str
+    cgroups: list[str] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -102,6 +103,37 @@ def require_root() -> None:
                 f"'{tool}' is not installed (apt-get install systemd-container util-linux); "
                 "'make deps' installs everything the tests need"
             )
+
+
+def container_cgroups(name: str) -> list[Path]:
+    """A cgroup of its own per hierarchy that systemd-nspawn uses, on a host without systemd.
+
+    nspawn puts the container at `payload/` below its own cgroup; two sandboxes started from the
+    same cgroup would share it, and their systemds would fight over `payload/machine.slice/...`.
+    Where systemd runs the host, `systemd-run --scope` gives nspawn a cgroup instead.
+    """
+    if Path("/run/systemd/system").is_dir():
+        return []
+    dirs = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mount_point, fstype, options, *_ = line.split()
+        if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options.split(",")):
+            dirs.append(Path(mount_point) / name)
+    return dirs
+
+
+def remove_cgroups(dirs: Sequence[str]) -> list[str]:
+    """Remove the (by now empty) cgroup trees, deepest first; the problems found."""
+    problems = []
+    for top in dirs:
+        if not Path(top).is_dir():
+            continue
+        for path, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+            try:
+                Path(path).rmdir()
+            except OSError as error:
+                problems.append(f"cgroup {path} not removed: {error}")
+    return problems
 
 
 def tmp_snapshot() -> set[str]:
@@ -179,6 +211,17 @@ def boot(keep_dir: bool = False) -> Sandbox:
             "systemd.mask=nginx.service",
             "systemd.mask=memcached.service",
         ]
+        cgroups = container_cgroups(directory.name)
+        for cgroup in cgroups:
+            cgroup.mkdir(exist_ok=True)
+        sandbox.cgroups = [str(cgroup) for cgroup in cgroups]
+        if not cgroups:
+            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--", *argv]
+
+        def enter_cgroups() -> None:
+            for cgroup in cgroups:
+                (cgroup / "cgroup.procs").write_text("0\n")
+
         # New session: a Ctrl-C at the terminal reaches us, and we power the container off.
         nspawn = subprocess.Popen(
             argv,
@@ -186,6 +229,7 @@ def boot(keep_dir: bool = False) -> Sandbox:
             stdout=console,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=enter_cgroups,  # noqa: PLW1509 - the runner has no other threads
         )
         console.close()
         sandbox.nspawn_pid = nspawn.pid
@@ -250,6 +294,8 @@ def teardown(sandbox: Sandbox) -> list[str]:
             Path(sandbox.directory).rmdir()
     if sandbox.leader_pid and process_alive(sandbox.leader_pid):
         problems.append(f"container PID 1 ({sandbox.leader_pid}) is still running")
+    else:
+        problems += remove_cgroups(sandbox.cgroups)
     return problems
 
 
