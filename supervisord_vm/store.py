@@ -182,6 +182,14 @@ class RuntimeRecord:
     transient: bool
     definition_toml: str  # what it was started with, which may differ from the file now
     started_at: float  # seconds since the epoch
+    # A stop asked for and not yet finished (one of STOP_INTENTS, "" for none), written before
+    # the daemon acts on it, and when: a daemon killed mid-stop lets the next one finish it.
+    stop: str = ""
+    stop_at: float = 0.0
+
+
+# The stops a runtime record can carry: the operation, and for destroy its mode.
+STOP_INTENTS = ("", "shutdown", "destroy", "destroy-graceful", "destroy-force")
 
 
 def _record_from_json(data: object) -> RuntimeRecord:
@@ -205,7 +213,14 @@ def _record_from_json(data: object) -> RuntimeRecord:
     assert isinstance(name, str) and isinstance(pid, int) and isinstance(unit, str)
     assert isinstance(transient, bool) and isinstance(toml, str)
     assert isinstance(started_at, int | float)
-    return RuntimeRecord(name, pid, unit, transient, toml, float(started_at))
+    # Optional: records of earlier versions have no stop intent.
+    stop = data.get("stop", "")
+    stop_at = data.get("stop_at", 0.0)
+    if not isinstance(stop, str) or stop not in STOP_INTENTS:
+        raise ValueError("field 'stop' is not a known stop intent")
+    if isinstance(stop_at, bool) or not isinstance(stop_at, int | float):
+        raise ValueError("field 'stop_at' has the wrong type")
+    return RuntimeRecord(name, pid, unit, transient, toml, float(started_at), stop, float(stop_at))
 
 
 class RuntimeStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -259,6 +260,24 @@ def test_runtime_store_tolerates_torn_and_corrupt_records(tmp_path: Path) -> Non
     assert all("unusable runtime record" in error for error in errors)
     assert any("'pid'" in error and "wrongtype" in error for error in errors)
     assert any("'unit' is missing" in error for error in errors)
+
+
+def test_runtime_store_stop_intent_round_trip_and_old_records(tmp_path: Path) -> None:
+    store = RuntimeStore(tmp_path)
+    stopping = dataclasses.replace(record("a"), stop="destroy-graceful", stop_at=1700000001.5)
+    store.save(stopping)
+    assert store.load_all() == ({"a": stopping}, [])
+    # A record written before stop intents existed loads as one without an intent.
+    old = json.loads((tmp_path / "a.json").read_text())
+    del old["stop"], old["stop_at"]
+    (tmp_path / "a.json").write_text(json.dumps(old))
+    assert store.load_all() == ({"a": record("a")}, [])
+    for stop, stop_at in (("reboot", 1.0), (1, 1.0), ("destroy", "soon"), ("destroy", True)):
+        bad = {**old, "stop": stop, "stop_at": stop_at}
+        (tmp_path / "a.json").write_text(json.dumps(bad))
+        records, errors = store.load_all()
+        assert records == {}
+        assert len(errors) == 1 and "'stop" in errors[0], errors
 
 
 def test_runtime_store_failed_save_leaves_no_temp(tmp_path: Path) -> None:
