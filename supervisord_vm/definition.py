@@ -26,6 +26,11 @@ NAME_MAX = 64
 MEMORY_MIN, MEMORY_MAX = 16, 1048576  # MiB
 CPUS_MIN, CPUS_MAX = 1, 255
 STOP_TIMEOUT_MIN, STOP_TIMEOUT_MAX = 1, 3600  # seconds
+# A definition is a few hundred bytes; the cap keeps a 10 MB bus message from blocking the
+# daemon's loop in the TOML parser and from landing in the definitions directory.
+DEFINITION_MAX_BYTES = 1 << 20
+# The kernel's MAX_ARG_STRLEN (including the NUL): a longer argument makes exec fail with E2BIG.
+ARG_MAX_BYTES = 128 * 1024 - 1
 
 # A name ending like this reads as a unit name (svm-x.service.scope would confuse people).
 UNIT_SUFFIXES = (
@@ -204,7 +209,9 @@ def _parse_name(table: dict[str, object]) -> str:
         raise _FieldError("name", f"must be a string, got {_show(value)}")
     problem = _name_problem(value)
     if problem is not None:
-        raise _FieldError("name", f"{problem}, got {_show(value)}")
+        # The length problem already says what it got; a 10 MB name need not be echoed.
+        shown = "" if len(value) > NAME_MAX else f", got {_show(value)}"
+        raise _FieldError("name", f"{problem}{shown}")
     return value
 
 
@@ -257,6 +264,10 @@ def _parse_extra_args(table: dict[str, object]) -> tuple[str, ...]:
             raise _FieldError(field, f"must be a string, got {_show(arg)}")
         if "\0" in arg:
             raise _FieldError(field, "must not contain NUL characters")
+        if len(arg.encode("utf-8", "surrogatepass")) > ARG_MAX_BYTES:
+            raise _FieldError(
+                field, f"is longer than the kernel's limit of {ARG_MAX_BYTES} bytes per argument"
+            )
         args.append(arg)
     return tuple(args)
 
@@ -314,11 +325,24 @@ def parse_definition(text: str, source: str = "definition") -> Definition:
     Files named in the definition are not checked here: they may appear before the VM starts,
     and the core checks them at start.
     """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > DEFINITION_MAX_BYTES:
+        raise InvalidDefinition(
+            f"{source}: too large ({size} bytes; a definition may have at most "
+            f"{DEFINITION_MAX_BYTES} bytes)"
+        )
+    # Editors on some systems start a UTF-8 file with a byte order mark; TOML does not allow it.
+    text = text.removeprefix("\ufeff")
     try:
         table: dict[str, object] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message carries "(at line L, column C)".
         raise InvalidDefinition(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise InvalidDefinition(
+            f"{source}: not valid as a definition: arrays or tables nested too deeply"
+        ) from None
 
     errors: list[str] = []
     for key in table:
