@@ -15,6 +15,7 @@ import grp
 import logging
 import pwd
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,8 +50,12 @@ MANAGER_INTERFACE = "org.supervisordvm1.Manager"
 MACHINE_INTERFACE = "org.supervisordvm1.Machine"
 ERROR_PREFIX = "org.supervisordvm1.Error."
 ADMIN_GROUP = "supervisord-vm"
-AUDIT_MESSAGE_ID = "5b0c2f0e6f6a4a8f9d3c1e2a7b9d4c11"
+# The core's audit MESSAGE_ID (supervisor.AUDIT_MESSAGE_ID, derived the same way; importing the
+# core here would load it into svmctl too): refusals and accepted calls share one catalogue id.
+AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").hex
 LOG_TAIL_LIMIT = 1 << 20  # bytes of QEMU output one GetLog call may return
+# The longest wait a caller may ask for; svmctl's own bus call timeout is the same 7 days.
+TIMEOUT_MAX = 7 * 24 * 3600.0
 
 T = TypeVar("T")
 
@@ -227,11 +232,20 @@ class Authorizer:
 
 
 def audit(caller: Caller, operation: str, target: str, result: str) -> None:
-    """One journal record per changing call: who, what, on which VM, and how it ended."""
+    """One journal record per changing call: who, what, on which VM, and how it ended.
+
+    It carries the same fields as the core's audit records (CALLER_UID, CALLER_PID,
+    VM_OPERATION, VM_RESULT), so one journalctl match finds a caller's refusals and its
+    accepted calls alike; the SVM_AUDIT_* fields are kept for existing queries.
+    """
     journal.send(
         f"audit: uid={caller.uid} pid={caller.pid} {operation}({target}): {result}",
         logging.INFO if result == "ok" else logging.WARNING,
         MESSAGE_ID=AUDIT_MESSAGE_ID,
+        CALLER_UID=caller.uid,
+        CALLER_PID=caller.pid,
+        VM_OPERATION=operation.lower(),
+        VM_RESULT=result,
         SVM_AUDIT_UID=caller.uid,
         SVM_AUDIT_PID=caller.pid,
         SVM_AUDIT_OPERATION=operation,
@@ -265,8 +279,10 @@ def parse_mode(text: str) -> DestroyMode:
 
 def parse_timeout(seconds: float, what: str) -> float | None:
     """D-Bus has no optional arguments: 0 means "none given"."""
-    if not seconds >= 0:  # negative or NaN
-        raise InvalidArgumentError(f"{what} must be >= 0 seconds (0 = none), not {seconds}")
+    if not 0 <= seconds <= TIMEOUT_MAX:  # negative, NaN, infinite or beyond any sane wait
+        raise InvalidArgumentError(
+            f"{what} must be from 0 to {TIMEOUT_MAX:.0f} seconds (0 = none), not {seconds}"
+        )
     return seconds or None
 
 
