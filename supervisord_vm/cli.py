@@ -28,7 +28,11 @@ from supervisord_vm.bus import (
     MACHINE_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    TIMEOUT_MAX,
+    InvalidArgumentError,
+    parse_signal,
 )
+from supervisord_vm.definition import DEFINITION_MAX_BYTES
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -305,10 +309,21 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def _read_definition(path: str) -> str:
+    """The file's text; at most DEFINITION_MAX_BYTES are read, so /dev/zero cannot hang us."""
     try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        if path == "-":
+            data = sys.stdin.buffer.read(DEFINITION_MAX_BYTES + 1)
+        else:
+            with Path(path).open("rb") as stream:
+                data = stream.read(DEFINITION_MAX_BYTES + 1)
+        if len(data) > DEFINITION_MAX_BYTES:
+            raise CommandError(
+                f"cannot read {path}: too large for a definition "
+                f"(more than {DEFINITION_MAX_BYTES} bytes)"
+            )
+        return data.decode("utf-8")
     except OSError as exc:
-        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise CommandError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
 
@@ -335,7 +350,17 @@ async def _name_of(client: Client, path: str) -> str:
 
 async def cmd_define(client: Client, args: argparse.Namespace) -> int:
     path = await client.manager("Define", "s", _read_definition(args.file))
-    return await _report(client, args, await _name_of(client, path), "defined")
+    name = await _name_of(client, path)
+    if not args.json:
+        # libvirt semantics: a running VM keeps its configuration until it starts again.
+        with contextlib.suppress(CommandError):
+            state = (await client.status(name))["state"]
+            if state != "shutoff":
+                print(
+                    f"{name}: defined (it is {state}; the new definition applies at its next start)"
+                )
+                return EXIT_OK
+    return await _report(client, args, name, "defined")
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
@@ -432,30 +457,70 @@ async def cmd_events(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_log(client: Client, args: argparse.Namespace) -> int:
     text = await client.manager("GetLog", "su", args.name, args.lines)
-    sys.stdout.write(text)
+    if args.json:
+        print(json.dumps({"name": args.name, "log": text}))
+    elif text:
+        sys.stdout.write(text)
+    else:
+        print(
+            f"svmctl: no QEMU output recorded for {args.name} (it has not run yet)", file=sys.stderr
+        )
     return EXIT_OK
 
 
 # --- argument parsing --------------------------------------------------------------------------
 
 
-def _positive(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
+    if not 0 <= value <= TIMEOUT_MAX:  # also NaN and inf
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to {TIMEOUT_MAX:.0f} seconds, not {text!r}"
+        )
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
 
 
 def _non_negative(text: str) -> float:
+    return _seconds(text)
+
+
+def _line_count(text: str) -> int:
+    """0..2**32-1: GetLog takes an unsigned 32-bit count."""
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+        raise argparse.ArgumentTypeError(f"not a number of lines: {text!r}") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {0xFFFFFFFF} lines, not {text!r}")
+    return value
+
+
+def _signal(text: str) -> str:
+    """Checked here for exit code 2; sent as typed, the daemon parses it the same way."""
+    try:
+        parse_signal(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _parallel(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"must be 0 (all at once) or more, not {text!r}")
     return value
 
 
@@ -540,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--signal",
         "-s",
         default="SIGTERM",
+        type=_signal,
         metavar="SIG",
         help="signal name or number (default SIGTERM)",
     )
@@ -561,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lines",
         "-n",
-        type=int,
+        type=_line_count,
         default=0,
         metavar="N",
         help="only the last N lines (default: all that is kept)",
@@ -587,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--parallel",
-        type=int,
+        type=_parallel,
         default=0,
         metavar="N",
         help="at most N VMs at a time (default 0: all at once)",
@@ -626,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stderr.close()
         return EXIT_OK
+    except Exception as exc:  # a bug of ours; still no traceback for the user
+        _fail(f"unexpected error ({type(exc).__name__}: {exc}); please report it", EXIT_FAILURE)
 
 
 if __name__ == "__main__":
