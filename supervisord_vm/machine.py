@@ -148,6 +148,8 @@ class ExitFacts:
     shutdown_reason: str = ""  # SHUTDOWN event: QEMU's reason (host-signal, guest-shutdown, ...)
     external_stop: bool = False  # the unit went deactivating without our request
     unit_result: str = ""
+    # A shutdown asked for by a daemon that died; its SHUTDOWN event may have gone unseen.
+    shutdown_unseen: bool = False
 
 
 def classify_exit(facts: ExitFacts) -> Reason:
@@ -162,6 +164,8 @@ def classify_exit(facts: ExitFacts) -> Reason:
         return Reason.DESTROYED
     if facts.external_stop or facts.unit_result == "timeout":
         return Reason.STOPPED_EXTERNALLY
+    if facts.shutdown_unseen and facts.shutdown_guest is None:
+        return classify_settled("shutdown", facts.unit_result)
     if facts.shutdown_guest is False and facts.shutdown_reason != "host-error":
         return Reason.STOPPED_EXTERNALLY
     return Reason.CRASHED
@@ -170,6 +174,40 @@ def classify_exit(facts: ExitFacts) -> Reason:
 def classify_lost(unit_result: str) -> Reason:
     """The reason for a run that ended while no daemon watched: `crashed` only where provable."""
     return Reason.CRASHED if unit_result in CRASH_RESULTS else Reason.LOST
+
+
+def classify_settled(stop: str, unit_result: str) -> Reason:
+    """The reason for a run that ended unwatched, given the stop intent its record carried.
+
+    A destroy (any mode) whose daemon died mid-stop is `destroyed`: the daemon had asked for
+    it, whatever ended the process. A shutdown only pressed the power button, so a clean end
+    (Result `success`, or the scope already gone) is the guest powering off: `shutdown`. That is
+    not strictly provable (a `kill -9` of QEMU in the same window also leaves a scope ending
+    `success`), but the user asked for the VM to go down, and it did; a Result that proves a
+    crash stays `crashed`, and any other Result (`timeout`: the scope was stopped) is a stop
+    from outside. Without an intent nothing more than `lost` (or a provable crash) is known.
+    """
+    if stop.startswith("destroy"):
+        return Reason.DESTROYED
+    if stop == "shutdown":
+        if unit_result in CRASH_RESULTS:
+            return Reason.CRASHED
+        if unit_result in ("", "success"):
+            return Reason.SHUTDOWN
+        return Reason.STOPPED_EXTERNALLY
+    return classify_lost(unit_result)
+
+
+def destroy_intent(mode: DestroyMode) -> str:
+    """The stop intent a destroy in `mode` records (store.STOP_INTENTS)."""
+    return "destroy" if mode is DestroyMode.DEFAULT else f"destroy-{mode}"
+
+
+def intent_mode(stop: str) -> DestroyMode | None:
+    """The destroy mode a recorded intent asks for; None if it is no destroy."""
+    if not stop.startswith("destroy"):
+        return None
+    return DestroyMode(stop.removeprefix("destroy-")) if "-" in stop else DestroyMode.DEFAULT
 
 
 @dataclass
@@ -214,6 +252,9 @@ class _Run:
     reboot_guest_off: bool = False  # ... and the guest powered off: reset it when QEMU paused
     stopping_itself: bool = False  # the scope ended with QEMU alive: the daemon stops it
     stop_timed_out: bool = False  # ... and had to SIGKILL it after the stop timeout
+    stop_intent: str = ""  # the stop in progress, as the runtime record carries it
+    stop_at: float = 0.0
+    shutdown_unseen: bool = False  # adopted with a shutdown intent, SHUTDOWN maybe missed
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -235,6 +276,9 @@ class Machine:
         self._lock = asyncio.Lock()
         self._run: _Run | None = None
         self._running_definition = definition
+        # The last exit happened during a stop asked through this daemon (destroy, shutdown):
+        # the restart policy must not undo it, whatever the reason turned out to be.
+        self.stop_requested = False
 
     @property
     def name(self) -> str:
@@ -398,6 +442,7 @@ class Machine:
         self._ctx.runtime.remove(self.name)
         self.reason = Reason.FAILED
         self.exit = ExitInfo(time=time.time())
+        self.stop_requested = False
         if self.state is not State.SHUTOFF:
             self._set_state(State.SHUTOFF)
         self._record_exit()
@@ -446,8 +491,25 @@ class Machine:
                 transient=self.transient,
                 definition_toml=definition_to_toml(self._running_definition),
                 started_at=run.started_at,
+                stop=run.stop_intent,
+                stop_at=run.stop_at,
             )
         )
+
+    def _record_intent(self, run: _Run, stop: str) -> None:
+        """Persist the stop about to begin ("" when it ended without ending QEMU).
+
+        Written before the daemon acts, so a daemon killed mid-stop leaves the intent and the
+        next one settles the exit as asked (not `lost`) and does not restart it. A failing write
+        is logged, not raised: a destroy must not be refused for a full /run.
+        """
+        if self._run is not run or run.stop_intent == stop:
+            return
+        run.stop_intent, run.stop_at = stop, time.time() if stop else 0.0
+        try:
+            self._save_record(run)
+        except OSError as err:
+            log.error("VM %s: cannot record the stop intent %r: %s", self.name, stop, err)
 
     # --- reattach -----------------------------------------------------------------------------
 
@@ -458,14 +520,30 @@ class Machine:
         running_definition: Definition,
         *,
         starting: bool = False,
+        stop: str = "",
+        stop_at: float = 0.0,
     ) -> bool:
         """Take over a QEMU a previous daemon started; False if the process is already gone.
 
         `starting`: the previous daemon died before it recorded QEMU's PID, so PID may still be
         the spawn trampoline that exits without ever running QEMU: that ends as `failed`.
+
+        `stop`: the previous daemon died during a stop (its runtime record's intent). The stop
+        is completed, not dropped: the user's last word was to stop the VM, and the restart
+        policy must not bring it back. A destroy is done again in its mode before this returns
+        (so start-up settles it before READY; a graceful one that meets a QEMU surviving
+        SIGTERM ends Busy as usual: logged, intent dropped, VM running). A shutdown presses
+        the power button again (pressed once or not at all before the kill; a guest already
+        powering off ignores a second press) and leaves the VM running with the shutdown
+        pending, as `reboot` does: nobody waits for it any more, but the guest's power-off then
+        counts as the shutdown asked for (`shutdown`, not restarted).
         """
+        destroy_mode = intent_mode(stop)
         async with self._lock:
             run = _Run(pid=pid, process=None, started_at=started_at)
+            run.stop_intent, run.stop_at = stop, stop_at
+            run.destroy_requested = destroy_mode is not None
+            run.shutdown_unseen = stop == "shutdown"
             try:
                 run.pidfd = os.pidfd_open(pid)
             except ProcessLookupError:
@@ -493,7 +571,21 @@ class Machine:
             if isinstance(status, dict) and status.get("status") == "paused":
                 self._set_state(State.PAUSED)
             log.info("VM %s: reattached to pid %d", self.name, pid)
-            return True
+            if stop == "shutdown" and run.qmp is not None:
+                if isinstance(status, dict) and status.get("status") == "running":
+                    run.shutdown_unseen = False  # QEMU runs: its SHUTDOWN is still to come
+                try:
+                    await run.qmp.execute("system_powerdown")
+                    log.info("VM %s: shutdown cut off by a daemon exit pressed again", self.name)
+                except SvmError as err:
+                    log.warning("VM %s: cannot press the power button again: %s", self.name, err)
+        if destroy_mode is not None and self._run is run and not run.settled.done():
+            log.info("VM %s: completing the %s cut off by a daemon exit", self.name, stop)
+            try:
+                await self._destroy_now(run, destroy_mode, None)
+            except SvmError as err:
+                log.warning("VM %s: completing the %s failed: %s", self.name, stop, err)
+        return True
 
     async def settle_ended(
         self,
@@ -501,24 +593,34 @@ class Machine:
         started_at: float | None = None,
         *,
         start_cut: bool = False,
+        stop: str = "",
     ) -> Reason:
         """Settle a run that ended while no daemon watched (found at start-up).
 
         `started_at`: when the run began (from its runtime record). An exit record written
         after that is this run's, saved by a daemon killed before it finished the cleanup:
         its reason stands. `start_cut`: the daemon died before QEMU was known to run.
+        `stop`: the stop intent the record carried (classify_settled); such an exit was asked
+        for, so the restart policy leaves it alone.
         """
         self._running_definition = self.definition
+        requested = bool(stop)
         recorded = self.reason is not Reason.NONE
         if started_at is not None and recorded and self.exit.time >= started_at:
-            await self._cleanup(self.reason, self.exit, "cleanup finished after a restart")
+            await self._cleanup(
+                self.reason, self.exit, "cleanup finished after a restart", requested=requested
+            )
             return self.reason
         result = status.result if status is not None else ""
         if start_cut:
             reason, message = Reason.FAILED, "start cut off: the daemon exited before QEMU ran"
+        elif stop:
+            reason = classify_settled(stop, result)
+            message = f"ended during a {stop} while the daemon was not running"
         else:
             reason, message = classify_lost(result), "ended while the daemon was not running"
-        await self._cleanup(reason, ExitInfo(result=result, time=time.time()), message)
+        info = ExitInfo(result=result, time=time.time())
+        await self._cleanup(reason, info, message, requested=requested)
         return reason
 
     async def detach(self) -> None:
@@ -685,6 +787,7 @@ class Machine:
             shutdown_reason=run.shutdown_reason,
             external_stop=run.external_stop,
             unit_result=result,
+            shutdown_unseen=run.shutdown_unseen,
         )
         reason = classify_exit(facts)
         info = ExitInfo(result, exit_status, exit_signal, time.time())
@@ -695,7 +798,8 @@ class Machine:
             detail.append(f"signal {signal.Signals(exit_signal).name}")
         elif exit_status is not None:
             detail.append(f"exit status {exit_status}")
-        await self._cleanup(reason, info, ", ".join(detail), run)
+        requested = run.destroy_requested or bool(run.stop_intent)
+        await self._cleanup(reason, info, ", ".join(detail), run, requested=requested)
 
     async def _final_unit_result(self, run: _Run) -> str:
         """Wait (on unit signals, bounded) for the scope to end and return its Result."""
@@ -717,9 +821,18 @@ class Machine:
         return run.unit_status.result if run.unit_status is not None else ""
 
     async def _cleanup(
-        self, reason: Reason, info: ExitInfo, message: str, run: _Run | None = None
+        self,
+        reason: Reason,
+        info: ExitInfo,
+        message: str,
+        run: _Run | None = None,
+        *,
+        requested: bool = False,
     ) -> None:
-        """Everything after an exit, once: scope, files, record, event, hooks."""
+        """Everything after an exit, once: scope, files, record, event, hooks.
+
+        `requested`: the exit came during a stop asked through the daemon (no restart).
+        """
         try:
             await self._clear_scope()
         except SvmError as err:
@@ -735,6 +848,7 @@ class Machine:
         if run is None or self._run is run:
             self._run = None
         self.state = State.SHUTOFF  # every state may end in shutoff (TRANSITIONS)
+        self.stop_requested = requested
         self._emit(EventType.STOPPED, message)
         if run is not None and not run.settled.done():
             run.settled.set_result(reason)
@@ -770,6 +884,7 @@ class Machine:
         async with self._lock:
             run = self._current(Operation.SHUTDOWN)
             qmp = self._qmp(run)
+            self._record_intent(run, "shutdown")
             self._set_state(State.STOPPING, EventType.STOPPING, "ACPI power button")
             try:
                 if run.rebooting:  # cancel the pending reboot: a power-off must end QEMU
@@ -786,6 +901,7 @@ class Machine:
             except QmpDisconnected:
                 pass  # QEMU is going away anyway: wait for the exit below
             except QmpError as err:
+                self._drop_intent(run, "shutdown")
                 self._back_from_stopping(run, State.RUNNING, f"shutdown failed: {err}")
                 raise
             try:
@@ -794,10 +910,16 @@ class Machine:
                 if then_destroy:
                     await self._destroy_now(run, DestroyMode.DEFAULT, None)
                     return
+                self._drop_intent(run, "shutdown")
                 self._back_from_stopping(run, State.RUNNING, "shutdown timed out")
                 raise OperationTimeout(
                     f"VM {self.name} did not power off within {timeout:g} s; it is still running"
                 ) from None
+
+    def _drop_intent(self, run: _Run, stop: str) -> None:
+        """A stop that gave up with QEMU still running: forget its intent (not a later one)."""
+        if run.stop_intent == stop and not run.settled.done():
+            self._record_intent(run, "")
 
     def _back_from_stopping(self, run: _Run, previous: State, message: str) -> None:
         """A stop that did not happen: the VM is back in the state it was in, and says so."""
@@ -826,6 +948,7 @@ class Machine:
         systemd = self._ctx.systemd
         previous = self.state
         run.destroy_requested = True
+        self._record_intent(run, destroy_intent(mode))
         run.rebooting = run.reboot_guest_off = False  # a pending reboot is cancelled
         if self.state is not State.STOPPING:
             self._set_state(State.STOPPING, EventType.STOPPING, f"destroy ({mode})")
@@ -850,6 +973,7 @@ class Machine:
                     return
                 run.destroy_requested = False
                 run.our_sigterm_pending = True
+                self._drop_intent(run, destroy_intent(mode))
                 self._back_from_stopping(run, previous, "graceful destroy: still running")
                 raise Busy(
                     f"Failed to terminate process {run.pid} with SIGTERM: VM {self.name} is "

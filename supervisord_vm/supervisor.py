@@ -63,6 +63,8 @@ AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").he
 
 # Which exits the restart policies restart after. An explicit destroy, an external
 # `systemctl stop` and a failed start are never undone; `always` also covers guest power-off.
+# Nor is any exit during a stop asked through the daemon (Machine.stop_requested): a shutdown
+# the user asked for, or a destroy cut off by a daemon restart, stays down.
 RESTART_AFTER: dict[str, frozenset[Reason]] = {
     "no": frozenset(),
     "on-crash": frozenset({Reason.CRASHED}),
@@ -214,10 +216,17 @@ class Supervisor:
         try:
             if pid in pids:
                 alive = await machine.adopt(
-                    pid, record.started_at, running_defn or machine.definition, starting=starting
+                    pid,
+                    record.started_at,
+                    running_defn or machine.definition,
+                    starting=starting,
+                    stop=record.stop,
+                    stop_at=record.stop_at,
                 )
             if not alive:
-                reason = await machine.settle_ended(status, record.started_at, start_cut=starting)
+                reason = await machine.settle_ended(
+                    status, record.started_at, start_cut=starting, stop=record.stop
+                )
                 log.info("VM %s ended while the daemon was not running: %s", record.name, reason)
         except SvmError as err:
             log.error("cannot reattach VM %s: %s", record.name, err)
@@ -335,6 +344,8 @@ class Supervisor:
             self._state.remove_exit(name)
 
     def _schedule_restart(self, machine: Machine, reason: Reason) -> bool:
+        if machine.stop_requested:
+            return False
         if reason not in RESTART_AFTER.get(machine.definition.restart, frozenset()):
             return False
         now = time.monotonic()

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from supervisord_vm.definition import parse_definition
-from supervisord_vm.model import DestroyMode, Reason, State
-from supervisord_vm.supervisor import Supervisor
+from supervisord_vm.model import DestroyMode, EventType, Reason, State
+from supervisord_vm.supervisor import RestartPolicyLimits, Supervisor
 from tests.integration.lifecycle_env import Env, failed_units, lifecycle_env, wait_gone
 
 pytestmark = pytest.mark.integration
@@ -183,8 +183,13 @@ async def after_kill(
     env: Env, case: Case, *, transient: bool = False, undefine: bool = True
 ) -> list[str]:
     """A fresh supervisor: check the case's VM and the whole view, then clean the VM up."""
+    mark = len(env.events.events)
     supervisor = await env.new_supervisor()
     try:
+        if case.op == "shutdown" and supervisor.get_machine(case.name).state is not State.SHUTOFF:
+            # A shutdown cut off with QEMU still running was pressed again at start-up: the
+            # guest powers off now (the view is checked once it did).
+            await env.events.stopped(case.name, start=mark)
         problems = await check(env, supervisor)
         names = {info.name: info for info in supervisor.list_machines()}
         info = names.get(case.name)
@@ -293,17 +298,21 @@ def lost_or(*reasons: Reason) -> frozenset[Reason]:
 
 
 def stop_cases() -> list[Case]:
+    # Once the stop intent is in the runtime record, the stop ends as asked, never `lost`.
+    destroyed, shutdown = frozenset({Reason.DESTROYED}), frozenset({Reason.SHUTDOWN})
     cases = [
-        Case("destroy", "kcds1", "before:stop_unit", reasons=lost_or(Reason.DESTROYED)),
-        Case("destroy", "kcds2", "after:stop_unit", reasons=lost_or(Reason.DESTROYED)),
-        Case("destroy", "kcds3", "before:save_exit", reasons=lost_or(Reason.DESTROYED)),
-        Case("destroy", "kcds4", "before:runtime_remove", reasons=frozenset({Reason.DESTROYED})),
-        Case("destroy-graceful", "kcdg1", "before:kill_unit", reasons=lost_or(Reason.DESTROYED)),
-        Case("destroy-graceful", "kcdg2", "after:kill_unit", reasons=lost_or(Reason.DESTROYED)),
-        Case("shutdown", "kcsd1", "before:powerdown", reasons=lost_or(Reason.SHUTDOWN)),
-        Case("shutdown", "kcsd2", "after:powerdown", reasons=lost_or(Reason.SHUTDOWN)),
-        Case("shutdown", "kcsd3", "before:save_exit", reasons=lost_or(Reason.SHUTDOWN)),
-        Case("shutdown", "kcsd4", "before:runtime_remove", reasons=frozenset({Reason.SHUTDOWN})),
+        Case("destroy", "kcds0", "after:runtime_save", reasons=destroyed),
+        Case("destroy", "kcds1", "before:stop_unit", reasons=destroyed),
+        Case("destroy", "kcds2", "after:stop_unit", reasons=destroyed),
+        Case("destroy", "kcds3", "before:save_exit", reasons=destroyed),
+        Case("destroy", "kcds4", "before:runtime_remove", reasons=destroyed),
+        Case("destroy-graceful", "kcdg1", "before:kill_unit", reasons=destroyed),
+        Case("destroy-graceful", "kcdg2", "after:kill_unit", reasons=destroyed),
+        Case("shutdown", "kcsd0", "after:runtime_save", reasons=shutdown),
+        Case("shutdown", "kcsd1", "before:powerdown", reasons=shutdown),
+        Case("shutdown", "kcsd2", "after:powerdown", reasons=shutdown),
+        Case("shutdown", "kcsd3", "before:save_exit", reasons=shutdown),
+        Case("shutdown", "kcsd4", "before:runtime_remove", reasons=shutdown),
         Case("crash", "kccx1", "before:save_exit", reasons=lost_or(Reason.CRASHED)),
         Case("crash", "kccx2", "before:runtime_remove", reasons=frozenset({Reason.CRASHED})),
         Case("crash", "kccx3", "after:runtime_remove", reasons=frozenset({Reason.CRASHED})),
@@ -335,6 +344,65 @@ def test_stop_and_exit_cleanup_cut_anywhere() -> None:
         return problems
 
     run(body)
+
+
+# Kill points of a stop on a VM with restart = "always" (which restarts after `lost`): the
+# fresh supervisor finishes the stop, records what was asked for, and restarts nothing. A
+# destroy whose QEMU still runs is completed during start-up; a shutdown is pressed again and
+# ends with the guest's power-off after start-up.
+INTENT_CASES = (
+    Case("destroy", "kis0", "after:runtime_save", reasons=frozenset({Reason.DESTROYED})),
+    Case("destroy", "kis1", "before:stop_unit", reasons=frozenset({Reason.DESTROYED})),
+    Case("destroy", "kis2", "after:stop_unit", reasons=frozenset({Reason.DESTROYED})),
+    Case("destroy", "kis3", "before:save_exit", reasons=frozenset({Reason.DESTROYED})),
+    Case("destroy-graceful", "kis4", "before:kill_unit", reasons=frozenset({Reason.DESTROYED})),
+    Case("destroy-graceful", "kis5", "after:kill_unit", reasons=frozenset({Reason.DESTROYED})),
+    Case("shutdown", "kis6", "after:runtime_save", reasons=frozenset({Reason.SHUTDOWN})),
+    Case("shutdown", "kis7", "before:powerdown", reasons=frozenset({Reason.SHUTDOWN})),
+    Case("shutdown", "kis8", "after:powerdown", reasons=frozenset({Reason.SHUTDOWN})),
+    Case("shutdown", "kis9", "before:save_exit", reasons=frozenset({Reason.SHUTDOWN})),
+)
+
+
+def test_stop_cut_off_is_finished_and_not_restarted() -> None:
+    async def body(env: Env) -> list[str]:
+        limits = RestartPolicyLimits(backoff=0.05)
+        supervisor = await env.new_supervisor(limits)
+        for case in INTENT_CASES:
+            await supervisor.define(env.toml(case.name, restart="always"))
+            await supervisor.start(case.name)
+        await supervisor.close()
+        await asyncio.sleep(1.0)  # the ACPI guests enable their power button after booting
+        problems: list[str] = []
+        for case in INTENT_CASES:
+            problems += await run_child(env, case, case.name)
+            mark = len(env.events.events)
+            fresh = await env.new_supervisor(limits)
+            try:
+                info = fresh.get_machine(case.name)
+                if case.op.startswith("destroy") and info.state is not State.SHUTOFF:
+                    problems.append(f"{case.label}: {info.state} after start-up")
+                if info.state is not State.SHUTOFF:
+                    await env.events.stopped(case.name, start=mark)
+                await asyncio.sleep(0.5)  # ten times the backoff: a restart would have begun
+                info = fresh.get_machine(case.name)
+                later = [event for event, _ in env.events.of(case.name)[mark:] if event in RESTARTS]
+                if info.state is not State.SHUTOFF or later:
+                    problems.append(f"{case.label}: restarted ({info.state}, events {later})")
+                elif case.reasons is not None and info.reason not in case.reasons:
+                    problems.append(f"{case.label}: shut off as {info.reason}")
+                problems += [f"{case.label}: {p}" for p in await check(env, fresh)]
+                if info.state is not State.SHUTOFF:
+                    await fresh.destroy(case.name, DestroyMode.FORCE)
+                await fresh.undefine(case.name)
+            finally:
+                await fresh.close()
+        return problems
+
+    run(body)
+
+
+RESTARTS = (EventType.RESTARTING, EventType.STARTING)
 
 
 # --- definitions --------------------------------------------------------------------------------

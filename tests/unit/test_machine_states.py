@@ -14,8 +14,12 @@ from supervisord_vm.machine import (
     check_transition,
     classify_exit,
     classify_lost,
+    classify_settled,
+    destroy_intent,
+    intent_mode,
 )
-from supervisord_vm.model import Reason, State
+from supervisord_vm.model import DestroyMode, Reason, State
+from supervisord_vm.store import STOP_INTENTS
 from supervisord_vm.supervisor import MESSAGE_IDS, RESTART_AFTER
 
 
@@ -151,6 +155,46 @@ def test_classify_exit(facts: ExitFacts, reason: Reason) -> None:
 )
 def test_classify_lost(result: str, reason: Reason) -> None:
     assert classify_lost(result) is reason
+
+
+@pytest.mark.parametrize(
+    ("stop", "result", "reason"),
+    [
+        ("destroy", "", Reason.DESTROYED),
+        ("destroy", "timeout", Reason.DESTROYED),
+        ("destroy-graceful", "success", Reason.DESTROYED),
+        ("destroy-force", "signal", Reason.DESTROYED),
+        ("shutdown", "", Reason.SHUTDOWN),
+        ("shutdown", "success", Reason.SHUTDOWN),
+        ("shutdown", "oom-kill", Reason.CRASHED),
+        ("shutdown", "timeout", Reason.STOPPED_EXTERNALLY),
+        ("", "", Reason.LOST),
+        ("", "oom-kill", Reason.CRASHED),
+    ],
+)
+def test_classify_settled_uses_the_stop_intent(stop: str, result: str, reason: Reason) -> None:
+    assert classify_settled(stop, result) is reason
+
+
+def test_destroy_intents_round_trip_and_are_storable() -> None:
+    for mode in DestroyMode:
+        assert destroy_intent(mode) in STOP_INTENTS
+        assert intent_mode(destroy_intent(mode)) is mode
+    assert intent_mode("shutdown") is None
+    assert intent_mode("") is None
+
+
+def test_adopted_shutdown_without_its_event_is_classified_from_the_result() -> None:
+    assert classify_exit(ExitFacts(shutdown_unseen=True)) is Reason.SHUTDOWN
+    assert classify_exit(ExitFacts(shutdown_unseen=True, unit_result="oom-kill")) is (
+        Reason.CRASHED
+    )
+    assert classify_exit(ExitFacts(shutdown_unseen=True, external_stop=True)) is (
+        Reason.STOPPED_EXTERNALLY
+    )
+    # the event, when it did come, decides
+    facts = ExitFacts(shutdown_unseen=True, shutdown_guest=False, shutdown_reason="host-signal")
+    assert classify_exit(facts) is Reason.STOPPED_EXTERNALLY
 
 
 def test_restart_policies() -> None:
