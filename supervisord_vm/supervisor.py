@@ -239,13 +239,19 @@ class Supervisor:
             return
         if self._state.autostart_boot_id() == boot_id:
             return
-        self._state.set_autostart_boot_id(boot_id)
         for machine in list(self._machines.values()):
             if machine.definition.autostart and machine.state is State.SHUTOFF:
                 try:
                     await machine.start()
                 except SvmError as err:
                     log.error("autostart of VM %s failed: %s", machine.name, err)
+        # Only once every start was attempted: a daemon killed during autostart leaves the
+        # boot unmarked, and the next one starts the rest (the ones already running it
+        # reattached, so none starts twice). A start that failed is not retried this boot.
+        try:
+            self._state.set_autostart_boot_id(boot_id)
+        except OSError as err:
+            log.error("cannot record that autostart ran in this boot: %s", err)
 
     async def close(self) -> None:
         """Detach from every VM and leave it running."""

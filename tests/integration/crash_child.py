@@ -3,9 +3,11 @@
     python -m tests.integration.crash_child BASE [--kill-at WHEN:POINT[:N]] OP ARG
 
 builds a Supervisor over BASE/{defs,state,run,log}, runs start_up, prints ``go``, runs one
-operation and prints ``done``. With ``--kill-at`` the process SIGKILLs itself ``before`` or
-``after`` the Nth call (counted from ``go``) of one of the core's steps named in POINTS, so a
-test can cut an operation at an exact place; without it the test kills it after a delay.
+operation and prints ``done``. Operation ``start-up`` (ARG ignored) prints ``go`` first and
+then runs start_up itself (reattach and autostart), so its steps can be cut. With
+``--kill-at`` the process SIGKILLs itself ``before`` or ``after`` the Nth call (counted from
+``go``) of one of the core's steps named in POINTS, so a test can cut an operation at an exact
+place; without it the test kills it after a delay.
 """
 
 from __future__ import annotations
@@ -149,10 +151,15 @@ async def main() -> None:
     paths = Paths(base / "defs", base / "state", base / "run", base / "log")
     systemd = await Systemd.connect()
     supervisor = Supervisor(paths, systemd)
-    await supervisor.start_up()
-    Arm.on = True
-    print("go", flush=True)
-    await operate(supervisor, args.op, args.arg)
+    if args.op == "start-up":
+        Arm.on = True
+        print("go", flush=True)
+        await supervisor.start_up()
+    else:
+        await supervisor.start_up()
+        Arm.on = True
+        print("go", flush=True)
+        await operate(supervisor, args.op, args.arg)
     print("done", flush=True)
     await supervisor.close()
     await systemd.close()

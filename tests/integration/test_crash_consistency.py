@@ -405,6 +405,45 @@ def test_stop_cut_off_is_finished_and_not_restarted() -> None:
 RESTARTS = (EventType.RESTARTING, EventType.STARTING)
 
 
+# --- autostart ----------------------------------------------------------------------------------
+
+
+def test_autostart_cut_off_starts_the_rest_after_a_restart() -> None:
+    """A daemon killed while it autostarts two VMs: the next one starts what is missing, and
+    each VM runs exactly once (the boot is marked only after every start was attempted)."""
+
+    async def body(env: Env) -> list[str]:
+        problems: list[str] = []
+        boot_mark = env.paths.state_dir / "autostart-boot-id"
+        for i, point in enumerate(("after:cont:1", "before:start_scope:2", "before:cont:2")):
+            names = [f"kca{i}a", f"kca{i}b"]
+            supervisor = await env.new_supervisor()
+            for name in names:
+                await supervisor.define(env.toml(name, extra="autostart = true"))
+            await supervisor.close()
+            boot_mark.unlink(missing_ok=True)  # as after a host reboot
+            case = Case("start-up", names[0], point)
+            problems += await run_child(env, case, "-")
+            fresh = await env.new_supervisor()
+            try:
+                problems += [f"{case.label}: {p}" for p in await check(env, fresh)]
+                for name in names:
+                    info = fresh.get_machine(name)
+                    if info.state is not State.RUNNING:
+                        problems.append(f"{case.label}: VM {name} {info.state} ({info.reason})")
+                if not boot_mark.exists():
+                    problems.append(f"{case.label}: boot not marked after autostart")
+                for name in names:
+                    if fresh.get_machine(name).state is not State.SHUTOFF:
+                        await fresh.destroy(name, DestroyMode.FORCE)
+                    await fresh.undefine(name)
+            finally:
+                await fresh.close()
+        return problems
+
+    run(body)
+
+
 # --- definitions --------------------------------------------------------------------------------
 
 
