@@ -162,6 +162,19 @@ class DefinitionStore:
             definitions[defn.name] = defn
         return definitions, errors
 
+    def names_on_disk(self) -> set[str]:
+        """The VM names that have a NAME.toml here, usable or not.
+
+        A file that exists but fails to load is a hand edit gone wrong, not an undefine: the
+        caller keeps the last good definition of that VM in effect (as libvirt does).
+        """
+        names: set[str] = set()
+        for path in _candidates(self.directory, ".toml"):
+            name = path.name.removesuffix(".toml")
+            with contextlib.suppress(InvalidDefinition):
+                names.add(validate_name(name))
+        return names
+
     def save(self, defn: Definition) -> None:
         path = self.path_for(defn.name)
         self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ class Supervisor:
         self._restart_history: dict[str, collections.deque[float]] = {}
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._unsubscribe_units: Callable[[], None] | None = None
+        self._broken_on_disk: set[str] = set()  # at start-up: NAME.toml there but unusable
 
     # --- start-up and shutdown of the daemon ----------------------------------------------------
 
@@ -144,12 +145,16 @@ class Supervisor:
         definitions, errors = self._definitions.load_all()
         for message in errors:
             log.error("ignoring definition: %s", message)
+        # A file that is there but broken is not an undefine: a running VM of that name is
+        # reattached from its runtime record (whose definition becomes the one in effect), and
+        # its exit record is kept for when the file is fixed.
+        self._broken_on_disk = self._definitions.names_on_disk() - definitions.keys()
         for defn in definitions.values():
             self._machines[defn.name] = Machine(defn, self._ctx, transient=False)
         for name, (reason, exit_info) in self._state.load_exits().items():
             if name in self._machines:
                 self._machines[name].restore_exit(reason, exit_info)
-            else:
+            elif name not in self._broken_on_disk:
                 self._state.remove_exit(name)
         await self._reattach()
         await self._autostart()
@@ -198,7 +203,14 @@ class Supervisor:
                     await self._systemd.reset_failed(record.unit)
                 self._runtime.remove(record.name)
                 return
-            machine = Machine(running_defn, self._ctx, transient=True)
+            defined = record.name in self._broken_on_disk
+            if defined:
+                log.error(
+                    "VM %s is running but its definition file is broken; it keeps the "
+                    "definition it was started with until the file loads again",
+                    record.name,
+                )
+            machine = Machine(running_defn, self._ctx, transient=not defined)
             self._machines[record.name] = machine
         alive = False
         pids: list[int] = []
@@ -535,9 +547,15 @@ class Supervisor:
             await self._get(name).resume()
 
     async def reload(self, caller: Caller | None = None) -> ReloadReport:
-        """Re-read the definitions directory; running VMs keep running as they are."""
+        """Re-read the definitions directory; running VMs keep running as they are.
+
+        Like libvirt, a file that is there but fails to load (a hand edit gone wrong) keeps the
+        VM's last good definition in effect: the problem is in `errors`, the VM is not removed.
+        Only a file that is gone removes its VM (a running one becomes transient).
+        """
         async with self._audit("reload", "*", caller):
             definitions, errors = self._definitions.load_all()
+            on_disk = self._definitions.names_on_disk()
             added: list[str] = []
             removed: list[str] = []
             changed: list[str] = []
@@ -555,6 +573,9 @@ class Supervisor:
                     changed.append(name)
             for name, machine in list(self._machines.items()):
                 if machine.transient or name in definitions:
+                    continue
+                if name in on_disk:
+                    errors = _note_kept(errors, self._definitions.path_for(name), name)
                     continue
                 removed.append(name)
                 self._cancel_restart(name)
@@ -577,6 +598,15 @@ class Supervisor:
                 reason=machine.reason,
             )
         )
+
+
+def _note_kept(errors: list[str], path: Path, name: str) -> list[str]:
+    """Say in the error about `path` that VM `name` keeps its last good definition."""
+    prefix = f"{path}:"
+    note = f" (VM {name} keeps its last good definition)"
+    if not any(message.startswith(prefix) for message in errors):
+        return [*errors, f"{path}: cannot be loaded{note}"]
+    return [message + note if message.startswith(prefix) else message for message in errors]
 
 
 def _is_alive(status: UnitStatus | None) -> bool:

@@ -1,0 +1,33 @@
+"""Pure parts of the reviewer fixes: which names have a file, error wording."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supervisord_vm.store import DefinitionStore
+from supervisord_vm.supervisor import _note_kept
+
+
+def test_names_on_disk_counts_broken_files(tmp_path: Path) -> None:
+    tmp_path.joinpath("good.toml").write_text('name = "good"\n')
+    tmp_path.joinpath("bad.toml").write_text('name = "bad"\nmemroy = 1\n')
+    tmp_path.joinpath(".hidden.toml").write_text("")
+    tmp_path.joinpath("-x.toml").write_text("")  # not a VM name
+    store = DefinitionStore(tmp_path)
+    definitions, errors = store.load_all()
+    assert set(definitions) == {"good"}
+    assert store.names_on_disk() == {"good", "bad"}
+    assert len(errors) == 2
+    assert DefinitionStore(tmp_path / "missing").names_on_disk() == set()
+
+
+def test_note_kept_annotates_the_files_error() -> None:
+    path = Path("/d/r1.toml")
+    errors = ["/d/r1.toml: unknown key 'memroy'", "/d/x.toml: bad"]
+    assert _note_kept(errors, path, "r1") == [
+        "/d/r1.toml: unknown key 'memroy' (VM r1 keeps its last good definition)",
+        "/d/x.toml: bad",
+    ]
+    assert _note_kept([], path, "r1") == [
+        "/d/r1.toml: cannot be loaded (VM r1 keeps its last good definition)"
+    ]
