@@ -288,7 +288,17 @@ class Machine:
     def pid(self) -> int:
         return self._run.pid if self._run is not None and self.state is not State.SHUTOFF else 0
 
+    @property
+    def running_definition(self) -> Definition:
+        """What the current run was started with (the definition itself when shut off).
+
+        A redefine or reload of a running VM changes `definition` only; QEMU and its scope keep
+        what they were started with until the next start.
+        """
+        return self._running_definition if self.state is not State.SHUTOFF else self.definition
+
     def info(self) -> MachineInfo:
+        """The VM as clients see it; per field, see MachineInfo for which definition it shows."""
         return MachineInfo(
             name=self.name,
             state=self.state,
@@ -298,7 +308,7 @@ class Machine:
             transient=self.transient,
             autostart=self.definition.autostart,
             restart=self.definition.restart,
-            stop_timeout=self.definition.stop_timeout,
+            stop_timeout=self.running_definition.stop_timeout,
             exit=self.exit,
         )
 

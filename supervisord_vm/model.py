@@ -81,7 +81,16 @@ class MachineEvent:
 
 @dataclass(frozen=True)
 class MachineInfo:
-    """A snapshot of one VM as clients see it."""
+    """A snapshot of one VM as clients see it.
+
+    While a VM runs, a redefine or reload changes its definition for the *next* start only, so
+    each field says what is in effect now:
+    - `stop_timeout` is the running scope's TimeoutStopSec (and a graceful destroy's wait):
+      the definition the run was started with; the new value shows once the VM is shut off.
+    - `autostart` and `restart` are the daemon's own policies, read when it decides (at the
+      next boot, at this run's exit): they show the newest definition, in effect at once.
+    - `transient` follows the definition file at once (undefine/reload of a running VM).
+    """
 
     name: str
     state: State

@@ -7,7 +7,7 @@ import pytest
 
 from supervisord_vm.errors import NoSuchMachine
 from supervisord_vm.model import Reason, State
-from tests.integration.lifecycle_env import Env
+from tests.integration.lifecycle_env import Env, show
 from tests.integration.test_lifecycle import assert_gone, run, started
 
 pytestmark = pytest.mark.integration
@@ -62,5 +62,24 @@ def test_broken_file_on_reload_keeps_the_last_good_definition() -> None:
         assert (info.state, info.reason, info.transient) == (State.SHUTOFF, Reason.DESTROYED, False)
         assert again.get_machine("r1").reason is Reason.DESTROYED  # not forgotten
         await assert_gone(env, "r1")
+
+    run(body)
+
+
+def test_status_of_a_running_vm_shows_what_it_runs_with() -> None:
+    async def body(env: Env) -> None:
+        sup = env.supervisor
+        await started(env, "sd", stop_timeout=5)
+        info = await sup.define(env.toml("sd", stop_timeout=7, restart="on-crash"))
+        assert (await show("svm-sd.scope", "TimeoutStopUSec"))["TimeoutStopUSec"] == "5s"
+        assert info.stop_timeout == 5  # the scope's, until the next start
+        assert info.restart == "on-crash"  # a daemon policy: in effect at once
+        assert sup.get_machine("sd").stop_timeout == 5
+        assert (await sup.destroy("sd")).stop_timeout == 7
+        await sup.start("sd")
+        assert (await show("svm-sd.scope", "TimeoutStopUSec"))["TimeoutStopUSec"] == "7s"
+        assert sup.get_machine("sd").stop_timeout == 7
+        await sup.destroy("sd")
+        await assert_gone(env, "sd")
 
     run(body)
