@@ -691,7 +691,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         the output may carry guest console text."""
 
         async def tail(_caller: Caller) -> str:
-            self._sup.get_machine(name)
+            self._sup.log_path(name)  # NoSuchMachine: neither a VM nor a log of that name
             return self._service.tail_log(name, lines)
 
         return await self._service.change("GetLog", name, tail)

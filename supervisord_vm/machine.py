@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Any, NoReturn
 
 from supervisord_vm.definition import Definition, definition_to_toml
@@ -369,14 +371,21 @@ class Machine:
             await self._start_locked()
 
     def _check_files(self, defn: Definition) -> str | None:
-        qemu = Path(defn.qemu)
-        if not qemu.is_file():
-            return f"QEMU binary {defn.qemu} does not exist"
-        if not os.access(qemu, os.X_OK):
-            return f"QEMU binary {defn.qemu} is not executable"
+        try:
+            mode = Path(defn.qemu).stat().st_mode
+        except OSError as err:
+            return f"QEMU binary {_path_problem(defn.qemu, err)}"
+        if S_ISDIR(mode):
+            return f"QEMU binary {defn.qemu} is a directory, not an executable program"
+        if not S_ISREG(mode):
+            return f"QEMU binary {defn.qemu} is not a regular file"
+        if not os.access(defn.qemu, os.X_OK):
+            return f"QEMU binary {defn.qemu} is not executable (no permission to execute it)"
         for disk in defn.disks:
-            if not Path(disk.path).exists():
-                return f"disk {disk.path} does not exist"
+            try:
+                Path(disk.path).stat()
+            except OSError as err:
+                return f"disk {_path_problem(disk.path, err)}"
         return None
 
     async def _start_locked(self) -> None:
@@ -391,17 +400,20 @@ class Machine:
             # adopts the QEMU or records the cut-off start.
             self._save_record(_Run(pid=0, process=None, started_at=time.time()))
         except OSError as err:
-            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+            await self._fail_without_run(
+                f"cannot start VM {self.name}: cannot write its runtime record: {_os_error(err)}"
+            )
         self.reason = Reason.NONE
         self._set_state(State.STARTING, EventType.STARTING)
         runtime = self._ctx.runtime
         socket_path = runtime.qmp_socket(self.name)
         log_file = log_path(self._ctx.paths, self.name)
+        log_created = False  # by this start: removed again if QEMU never runs
         try:
             await self._clear_scope()
             socket_path.unlink(missing_ok=True)
             log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            log_fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            log_fd, log_created = _open_log(log_file)
             try:
                 log_offset = os.lseek(log_fd, 0, os.SEEK_END)
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
@@ -423,10 +435,20 @@ class Machine:
                     stdout=log_fd,
                     stderr=log_fd,
                 )
+            except OSError as err:
+                # spawn_in_scope's OSError for a failed execve of QEMU carries execve's errno
+                # and no file name; others (fork, the trampoline itself) name their file.
+                if err.filename is None and (err.strerror or "").startswith("cannot execute"):
+                    raise _ExecFailed(_exec_problem(defn.qemu, err)) from err
+                raise
             finally:
                 os.close(log_fd)
-        except (SvmError, OSError) as err:
-            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+        except (SvmError, OSError, _ExecFailed) as err:
+            if log_created:  # QEMU never ran: no log of a run that never was
+                with contextlib.suppress(OSError):
+                    log_file.unlink()
+            text = str(err) if isinstance(err, SvmError | _ExecFailed) else _os_error(err)
+            await self._fail_without_run(f"cannot start VM {self.name}: {text}")
         run = _Run(pid=process.pid, process=process, started_at=time.time())
         self._run = run
         self._watch(run)
@@ -1083,6 +1105,61 @@ class Machine:
             await self._qmp(run).execute("cont")
             if self._run is run and self.state is State.PAUSED:
                 self._set_state(State.RUNNING, EventType.RESUMED)
+
+
+class _ExecFailed(Exception):
+    """QEMU's binary could not be executed (the message says why, for a person)."""
+
+
+def _open_log(path: Path) -> tuple[int, bool]:
+    """Open QEMU's log for appending; True if this call created it."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640), True
+    except FileExistsError:
+        return os.open(path, flags), False
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError for a person: "PATH: Permission denied", not "[Errno 13] ..."."""
+    text = err.strerror or str(err)
+    return f"{err.filename}: {text}" if err.filename else text
+
+
+def _path_problem(path: str, err: OSError) -> str:
+    """Why `path` cannot be used, from stat's error, starting with the path."""
+    if isinstance(err, FileNotFoundError):
+        return f"{path} does not exist"
+    if isinstance(err, PermissionError):
+        return f"{path} cannot be reached (permission denied)"
+    if isinstance(err, NotADirectoryError):
+        return f"{path} does not exist (a part of the path is not a directory)"
+    return f"{path} cannot be used ({os.strerror(err.errno) if err.errno else err})"
+
+
+# execve's errors, said about the program (the errno's own text follows in parentheses).
+_EXEC_PROBLEMS: Mapping[int, str] = {
+    errno.ENOEXEC: "is not an executable program",
+    errno.EACCES: "cannot be executed (permission denied",
+    errno.ENOENT: "does not exist, or the interpreter it names does not",
+    errno.EISDIR: "is a directory, not an executable program",
+    errno.ETXTBSY: "is being written to and cannot be executed now",
+    errno.ELIBBAD: "is not an executable program",
+    errno.ENOMEM: "cannot be executed: not enough memory",
+    errno.E2BIG: "cannot be executed: its command line is too long",
+}
+
+
+def _exec_problem(program: str, err: OSError) -> str:
+    """Why execve of `program` failed, said about the program: no raw "[Errno N]"."""
+    code = err.errno or 0
+    reason = os.strerror(code) if code else str(err)
+    problem = _EXEC_PROBLEMS.get(code)
+    if problem is None:
+        return f"QEMU binary {program} cannot be executed ({reason})"
+    if problem.endswith("(permission denied"):
+        return f"QEMU binary {program} {problem})"
+    return f"QEMU binary {program} {problem} ({reason})"
 
 
 def _process_ended(pid: int) -> bool:

@@ -294,7 +294,18 @@ class Supervisor:
         return definition_to_toml(self._get(name).definition)
 
     def log_path(self, name: str) -> Path:
-        return store_log_path(self.paths, name)
+        """QEMU's log of VM `name`, also of a VM no longer known (a forgotten transient one, an
+        undefined one) while its file exists, as journalctl shows a collected transient unit.
+
+        NoSuchMachine only when there is neither such a VM nor a log of that name.
+        """
+        try:
+            path = store_log_path(self.paths, name)
+        except InvalidDefinition:
+            raise NoSuchMachine(f"no VM named {name!r}") from None
+        if name not in self._machines and not path.is_file():
+            raise NoSuchMachine(f"no VM named {name!r} and no log of one")
+        return path
 
     def summary(self) -> str:
         running = sum(1 for m in self._machines.values() if m.state is not State.SHUTOFF)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from supervisord_vm.errors import NoSuchMachine
+from supervisord_vm.errors import NoSuchMachine, StartFailed
 from supervisord_vm.model import Reason, State
 from tests.integration.lifecycle_env import Env, show
-from tests.integration.test_lifecycle import assert_gone, run, started
+from tests.integration.test_lifecycle import assert_failed_start, assert_gone, run, started
 
 pytestmark = pytest.mark.integration
 
@@ -81,5 +81,58 @@ def test_status_of_a_running_vm_shows_what_it_runs_with() -> None:
         assert sup.get_machine("sd").stop_timeout == 7
         await sup.destroy("sd")
         await assert_gone(env, "sd")
+
+    run(body)
+
+
+def test_start_failures_name_the_problem_in_words() -> None:
+    async def body(env: Env) -> None:
+        sup = env.supervisor
+        script = env.base / "not-a-program"
+        script.write_text("this is text, not a program\n")
+        script.chmod(0o755)
+        with pytest.raises(StartFailed) as caught:
+            await sup.create(env.toml("r6", extra=f'qemu = "{script}"'))
+        message = str(caught.value)
+        assert message == (
+            f"cannot start VM r6: QEMU binary {script} is not an executable program "
+            "(Exec format error)"
+        )
+        await assert_failed_start(env, "r6", transient=True)
+        assert not env.paths.log_dir.joinpath("r6.log").exists()  # QEMU never ran
+
+        with pytest.raises(StartFailed, match=r"/usr/bin is a directory, not an executable"):
+            await sup.create(env.toml("r7", extra='qemu = "/usr/bin"'))
+        await assert_failed_start(env, "r7", transient=True)
+
+        script.chmod(0o644)
+        with pytest.raises(StartFailed, match="is not executable") as caught:
+            await sup.create(env.toml("r8", extra=f'qemu = "{script}"'))
+        assert "Errno" not in str(caught.value)
+        await assert_failed_start(env, "r8", transient=True)
+
+    run(body)
+
+
+def test_log_of_a_forgotten_transient_vm_stays_readable() -> None:
+    async def body(env: Env) -> None:
+        sup = env.supervisor
+        with pytest.raises(StartFailed):
+            await sup.create(env.toml("gonelog", extra='extra_args = ["-bogus-option"]'))
+        with pytest.raises(NoSuchMachine):
+            sup.get_machine("gonelog")
+        path = sup.log_path("gonelog")  # QEMU ran and wrote to it: still served
+        assert "bogus-option" in path.read_text()
+        with pytest.raises(NoSuchMachine):
+            sup.log_path("neverwas")
+        with pytest.raises(NoSuchMachine):
+            sup.log_path("../etc/passwd")
+        with pytest.raises(StartFailed):
+            await sup.create(env.toml("nolog", extra='qemu = "/usr/bin"'))
+        assert not env.paths.log_dir.joinpath("nolog.log").exists()
+        with pytest.raises(NoSuchMachine):
+            sup.log_path("nolog")
+        await sup.define(env.toml("known"))
+        assert sup.log_path("known") == env.paths.log_dir / "known.log"  # known, no log yet
 
     run(body)

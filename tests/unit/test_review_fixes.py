@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+from supervisord_vm.machine import _exec_problem, _os_error, _path_problem
 from supervisord_vm.store import DefinitionStore
 from supervisord_vm.supervisor import _note_kept
 
@@ -31,3 +33,28 @@ def test_note_kept_annotates_the_files_error() -> None:
     assert _note_kept([], path, "r1") == [
         "/d/r1.toml: cannot be loaded (VM r1 keeps its last good definition)"
     ]
+
+
+def test_exec_problems_read_well() -> None:
+    def exec_error(code: int) -> OSError:
+        return OSError(code, "cannot execute /q: whatever")
+
+    assert _exec_problem("/etc/hostname", exec_error(errno.ENOEXEC)) == (
+        "QEMU binary /etc/hostname is not an executable program (Exec format error)"
+    )
+    assert _exec_problem("/q", exec_error(errno.EACCES)) == (
+        "QEMU binary /q cannot be executed (permission denied)"
+    )
+    assert _exec_problem("/q", exec_error(errno.EIO)) == (
+        "QEMU binary /q cannot be executed (Input/output error)"
+    )
+    for code in (errno.ENOENT, errno.EISDIR, errno.ETXTBSY, errno.E2BIG):
+        assert "Errno" not in _exec_problem("/q", exec_error(code))
+
+
+def test_os_errors_read_well() -> None:
+    err = PermissionError(errno.EACCES, "Permission denied", "/var/log/x.log")
+    assert _os_error(err) == "/var/log/x.log: Permission denied"
+    assert _path_problem("/a", FileNotFoundError(errno.ENOENT, "x")) == "/a does not exist"
+    assert "permission denied" in _path_problem("/a", PermissionError(errno.EACCES, "x"))
+    assert "not a directory" in _path_problem("/a/b", NotADirectoryError(errno.ENOTDIR, "x"))
