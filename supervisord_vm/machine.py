@@ -912,7 +912,12 @@ class Machine:
         timeout: float | None = None,  # noqa: ASYNC109 - bounds the guest, not the call
         then_destroy: bool = False,
     ) -> None:
-        """ACPI power button; wait for the guest to power off (bounded by `timeout`)."""
+        """ACPI power button; wait for the guest to power off (bounded by `timeout`).
+
+        Without a timeout the wait lasts as long as the guest takes, forever for a guest that
+        ignores ACPI; a press before the guest enabled ACPI (early boot) is lost as on real
+        hardware. Use a timeout, and `then_destroy` to end the VM when it runs out.
+        """
         async with self._lock:
             run = self._current(Operation.SHUTDOWN)
             qmp = self._qmp(run)

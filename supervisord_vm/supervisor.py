@@ -515,6 +515,14 @@ class Supervisor:
         then_destroy: bool = False,
         caller: Caller | None = None,
     ) -> MachineInfo:
+        """Press the ACPI power button and wait for the guest to power off.
+
+        Without a timeout this waits as long as the guest takes, which may be forever: a guest
+        that ignores ACPI, or one still booting, never powers off. A press before the guest
+        enabled ACPI is lost, as on real hardware (the VM goes back to running only when a
+        timeout ends the wait). Give a timeout (OperationTimeout, VM still running) or
+        `then_destroy` to bound it.
+        """
         async with self._audit(
             "shutdown", name, caller, timeout=timeout, then_destroy=then_destroy
         ):
