@@ -203,6 +203,27 @@ def test_start_failures_leave_nothing_behind(
         svm("undefine", name)
 
 
+def test_log_of_a_forgotten_transient_vm(clean: None) -> None:
+    """svmctl log serves a failed Create's log (QEMU ran); no log where QEMU never ran."""
+    name, never = "se_flog", "se_nolog"
+    logs = Path("/var/log/supervisord-vm")
+    try:
+        text = definition(name, ACPI_IMAGE, 5, extra_args='["-frobnicate"]')
+        assert "Error.StartFailed" in gdbus("Create", gvariant_string(text)).stderr
+        assert svm("status", name).returncode == 4
+        shown = svm("log", name)
+        assert shown.returncode == 0, shown.stderr
+        assert "-frobnicate" in shown.stdout
+        text = definition(never, ACPI_IMAGE, 5, qemu='"/usr/bin"')
+        created = gdbus("Create", gvariant_string(text))
+        assert "/usr/bin is a directory, not an executable program" in created.stderr
+        assert not (logs / f"{never}.log").exists()
+        assert svm("log", never).returncode == 4
+    finally:
+        for vm in (name, never):
+            (logs / f"{vm}.log").unlink(missing_ok=True)
+
+
 def test_define_of_running_vm_and_create_of_existing_name(clean: None, tmp_path: Path) -> None:
     name = "se_rep"
     path = tmp_path / "rep.toml"
