@@ -165,7 +165,17 @@ def wait_booted(sandbox: Sandbox, nspawn: subprocess.Popen[bytes]) -> None:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise SandboxError("systemd in the container did not finish booting in time")
+            jobs = subprocess.run(
+                sandbox.command(["systemctl", "list-jobs", "--no-pager"]),
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            raise SandboxError(
+                "systemd in the container did not finish booting in time; pending jobs:\n"
+                + (jobs.stdout or jobs.stderr)
+            )
         result = subprocess.run(
             sandbox.command(["systemctl", "is-system-running", "--wait"]),
             capture_output=True,

@@ -39,6 +39,15 @@ def sh(*argv: str, check: bool = False, timeout: float = 60) -> subprocess.Compl
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
 
 
+def gdbus(method: str, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """A raw Manager call, the way a management tool would make it (no svmctl in between)."""
+    argv = ["gdbus", "call", "--system", "--dest", BUS, "--object-path", MANAGER]
+    argv += ["--method", f"{IFACE}.{method}", "--", *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return sh(*argv)
+
+
 def svm(
     *args: str, user: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -280,18 +289,7 @@ def test_error_names_on_the_bus(service: None) -> None:
     """gdbus prints the D-Bus error name: each failure has its own."""
 
     def error_of(method: str, *args: str) -> str:
-        result = sh(
-            "gdbus",
-            "call",
-            "--system",
-            "--dest",
-            BUS,
-            "--object-path",
-            MANAGER,
-            "--method",
-            f"{IFACE}.{method}",
-            *args,
-        )
+        result = gdbus(method, *args)
         assert result.returncode != 0
         return result.stderr
 
@@ -350,22 +348,7 @@ def test_daemon_authorizes_even_if_the_bus_policy_allows(vm: Callable[..., str])
     )
     try:
         sh(*reload, check=True)
-        result = sh(
-            "runuser",
-            "-u",
-            USER,
-            "--",
-            "gdbus",
-            "call",
-            "--system",
-            "--dest",
-            BUS,
-            "--object-path",
-            MANAGER,
-            "--method",
-            f"{IFACE}.Start",
-            name,
-        )
+        result = gdbus("Start", name, user=USER)
         assert "org.supervisordvm1.Error.AccessDenied" in result.stderr
         refused = svm("start", name, user=USER)
         assert refused.returncode == 6

@@ -22,6 +22,7 @@ from tests.integration.test_service import (
     IFACE,
     MANAGER,
     definition,
+    gdbus,
     service,
     sh,
     status,
@@ -33,23 +34,6 @@ __all__ = ["service"]  # the module fixture, shared with test_service (make inst
 
 RUNTIME = Path("/run/supervisord-vm")
 STATE_EXITS = Path("/var/lib/supervisord-vm/exits")
-
-
-def gdbus(method: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """A raw bus call, the way a management tool would make it (no svmctl in between)."""
-    return sh(
-        "gdbus",
-        "call",
-        "--system",
-        "--dest",
-        BUS,
-        "--object-path",
-        MANAGER,
-        "--method",
-        f"{IFACE}.{method}",
-        "--",
-        *args,
-    )
 
 
 def gvariant_string(text: str) -> str:
