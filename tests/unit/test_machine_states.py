@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from supervisord_vm.errors import AlreadyRunning, InvalidState, NotRunning
-from supervisord_vm.machine import (
+from supervisord_vm.lifecycle import (
     ALLOWED,
     TRANSITIONS,
     ExitFacts,
