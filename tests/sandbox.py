@@ -141,12 +141,25 @@ def tmp_snapshot() -> set[str]:
 
 
 def leader_of(nspawn_pid: int) -> int | None:
-    """The container's PID 1 is the systemd-nspawn process's only child."""
+    """The container's PID 1: the child of systemd-nspawn that is PID 1 in its own namespace.
+
+    nspawn first forks an intermediate child that forks the container's init and exits; taking
+    that short-lived child for the leader would point every later nsenter at a gone PID.
+    """
     try:
         children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
     except OSError:
         return None
-    return int(children[0]) if children else None
+    for child in children:
+        try:
+            status = Path(f"/proc/{child}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            fields = line.split()
+            if fields[:1] == ["NSpid:"] and len(fields) > 2 and fields[-1] == "1":
+                return int(child)
+    return None
 
 
 def wait_booted(sandbox: Sandbox, nspawn: subprocess.Popen[bytes]) -> None:
