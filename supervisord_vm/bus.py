@@ -10,11 +10,9 @@ supervisord-vm) and audits it in the journal; reading is open to everyone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
 import logging
 import pwd
-import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +33,7 @@ from sdbus import (
 from supervisord_vm import errors, journal
 from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
 from supervisord_vm.shutdown_all import shutdown_all
+from supervisord_vm.signals import signal_number
 
 if TYPE_CHECKING:
     from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
@@ -255,17 +254,11 @@ def audit(caller: Caller, operation: str, target: str, result: str) -> None:
 
 
 def parse_signal(text: str) -> int:
-    """'15', 'TERM' or 'SIGTERM' -> 15; InvalidArgument for anything else."""
-    spec = text.strip().upper()
-    if spec.isdigit():
-        number = int(spec)
-        if number in {int(s) for s in signal.Signals}:
-            return number
-    else:
-        name = spec if spec.startswith("SIG") else "SIG" + spec
-        with contextlib.suppress(KeyError):
-            return int(signal.Signals[name])
-    raise InvalidArgumentError(f"unknown signal {text!r} (use a number or a name like SIGTERM)")
+    """A signal as `systemctl kill --signal` takes it; InvalidArgument for anything else."""
+    try:
+        return signal_number(text)
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from None
 
 
 def parse_mode(text: str) -> DestroyMode:

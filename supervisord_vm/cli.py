@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -33,6 +32,7 @@ from supervisord_vm.bus import (
     parse_signal,
 )
 from supervisord_vm.definition import DEFINITION_MAX_BYTES
+from supervisord_vm.signals import signal_name
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -249,7 +249,7 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if status["exit_status"] >= 0:
         exit_parts.append(f"status={status['exit_status']}")
     if status["exit_signal"]:
-        exit_parts.append(f"signal={signal.Signals(status['exit_signal']).name}")
+        exit_parts.append(f"signal={signal_name(status['exit_signal'])}")
     lines = [
         ("Name", status["name"]),
         ("State", status["state"] + (f" ({status['reason']})" if status["reason"] else "")),

@@ -54,6 +54,7 @@ from supervisord_vm.model import (
     State,
 )
 from supervisord_vm.qemu import QmpEvent, QmpSession, build_argv
+from supervisord_vm.signals import signal_name
 from supervisord_vm.store import Paths, RuntimeRecord, RuntimeStore, StateStore, log_path
 from supervisord_vm.systemd import (
     ScopeProperties,
@@ -693,7 +694,7 @@ class Machine:
         if run.shutdown_reason:
             detail.append(f"QEMU shutdown reason {run.shutdown_reason}")
         if exit_signal is not None:
-            detail.append(f"signal {signal.Signals(exit_signal).name}")
+            detail.append(f"signal {signal_name(exit_signal)}")
         elif exit_status is not None:
             detail.append(f"exit status {exit_status}")
         requested = run.destroy_requested or bool(run.stop_intent)

@@ -53,6 +53,27 @@ def healthy() -> None:
     assert svm("list", "--all").returncode == 0
 
 
+def test_kill_with_a_realtime_signal(clean: None, tmp_path: Path) -> None:
+    """`systemctl kill --signal SIGRTMIN+3` works on scopes; so does svmctl kill."""
+    path = tmp_path / "se_rt.toml"
+    path.write_text(definition("se_rt", ACPI_IMAGE))
+    assert svm("define", str(path)).returncode == 0
+    try:
+        assert svm("start", "se_rt").returncode == 0
+        result = svm("kill", "se_rt", "--signal", "SIGRTMIN+3")
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 20
+        while status("se_rt")["state"] != "shutoff" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        info = status("se_rt")
+        assert (info["state"], info["reason"]) == ("shutoff", "destroyed")
+        assert info["exit_signal"] == signal.SIGRTMIN + 3
+        assert "signal=SIGRTMIN+3" in svm("status", "se_rt").stdout
+    finally:
+        svm("destroy", "--force", "se_rt")
+        svm("undefine", "se_rt")
+
+
 @pytest.fixture
 def clean(service: None) -> Iterator[None]:
     """Assert the test left no definition, runtime file, exit record or scope behind."""
