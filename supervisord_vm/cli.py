@@ -494,15 +494,19 @@ def _non_negative(text: str) -> float:
     return _seconds(text)
 
 
-def _line_count(text: str) -> int:
-    """0..2**32-1: GetLog takes an unsigned 32-bit count."""
+def _count(text: str, what: str) -> int:
+    """A whole number from 0 to 2**32-1 (the D-Bus argument is an unsigned 32-bit count)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of lines: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of {what}: {text!r}") from None
     if not 0 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {0xFFFFFFFF} lines, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be from 0 to {0xFFFFFFFF} {what}, not {text!r}")
     return value
+
+
+def _line_count(text: str) -> int:
+    return _count(text, "lines")
 
 
 def _signal(text: str) -> str:
@@ -515,13 +519,7 @@ def _signal(text: str) -> str:
 
 
 def _parallel(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"must be 0 (all at once) or more, not {text!r}")
-    return value
+    return _count(text, "VMs at once (0: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -859,22 +859,16 @@ class Machine:
         if mode is DestroyMode.FORCE:
             await self._kill_unit(run, signal.SIGKILL)
             limit = timeout if timeout is not None else self._ctx.force_timeout
-            try:
-                await asyncio.wait_for(asyncio.shield(run.settled), limit)
-            except TimeoutError:
+            if not await self._settled_within(run, limit):
                 raise OperationTimeout(
                     f"SIGKILL sent, but process {run.pid} of VM {self.name} is still there "
                     f"after {limit:g} s (uninterruptible I/O?)"
-                ) from None
+                )
         elif mode is DestroyMode.GRACEFUL:
             await self._kill_unit(run, signal.SIGTERM)
             stop_timeout = float(self._running_definition.stop_timeout)
             limit = min(timeout, stop_timeout) if timeout is not None else stop_timeout
-            try:
-                await asyncio.wait_for(asyncio.shield(run.settled), limit)
-            except TimeoutError:
-                if run.settled.done():
-                    return
+            if not await self._settled_within(run, limit):
                 run.destroy_requested = False
                 run.our_sigterm_pending = True
                 self._drop_intent(run, destroy_intent(mode))
@@ -882,7 +876,7 @@ class Machine:
                 raise Busy(
                     f"Failed to terminate process {run.pid} with SIGTERM: VM {self.name} is "
                     f"still running after {limit:g} s; nothing was escalated"
-                ) from None
+                )
         else:
             with contextlib.suppress(NoSuchUnit):  # already ended: the exit is being settled
                 await systemd.stop_unit(self.unit)
@@ -892,13 +886,18 @@ class Machine:
                 if status is None or status.active_state in ("inactive", "failed"):
                     self._stop_behind_ended_scope(run)
             limit = timeout if timeout is not None else self._ctx.force_timeout
-            try:
-                await asyncio.wait_for(asyncio.shield(run.settled), limit)
-            except TimeoutError:
+            if not await self._settled_within(run, limit):
                 raise OperationTimeout(
                     f"the scope {self.unit} was stopped, but process {run.pid} of VM {self.name} "
                     f"is still there after {limit:g} s"
-                ) from None
+                )
+
+    @staticmethod
+    async def _settled_within(run: _Run, limit: float) -> bool:
+        """Wait up to `limit` seconds for the run's exit to be settled; whether it was."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.settled), limit)
+        return run.settled.done()
 
     async def _kill_unit(self, run: _Run, sig: int) -> None:
         try:
