@@ -479,6 +479,7 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self.gaps: list[float] = []
+        self.ticks: list[float] = []
         self._task: asyncio.Future[None] | None = None
 
     async def _beat(self) -> None:
@@ -487,6 +488,7 @@ class Heartbeat:
             await asyncio.sleep(0.005)
             now = time.monotonic()
             self.gaps.append(now - last)
+            self.ticks.append(now)
             last = now
 
     def __enter__(self) -> Heartbeat:
@@ -513,14 +515,14 @@ async def test_loop_is_not_blocked_while_systemd_reloads(
             await systemctl("daemon-reload")
             reloads.append(time.monotonic() - began)
 
-    calls: list[float] = []
+    calls: list[tuple[float, float]] = []  # (began, ended) of each adapter call
 
     async def timed(awaitable: Awaitable[T]) -> T:
         began = time.monotonic()
         try:
             return await awaitable
         finally:
-            calls.append(time.monotonic() - began)
+            calls.append((began, time.monotonic()))
 
     with Heartbeat() as heartbeat:
         reloader = asyncio.ensure_future(reload_repeatedly())
@@ -541,17 +543,21 @@ async def test_loop_is_not_blocked_while_systemd_reloads(
             stopping.set()
             await reloader
 
-    worst_gap = max(heartbeat.gaps)
+    began, ended = max(calls, key=lambda call: call[1] - call[0])
+    slowest = ended - began
+    ticks_during = sum(1 for tick in heartbeat.ticks if began < tick < ended)
     print(
         f"\n{len(reloads)} reloads: {min(reloads) * 1000:.0f}-{max(reloads) * 1000:.0f} ms; "
-        f"{len(calls)} adapter calls, slowest {max(calls) * 1000:.0f} ms; "
-        f"worst heartbeat gap {worst_gap * 1000:.1f} ms over {len(heartbeat.gaps)} beats"
+        f"{len(calls)} adapter calls, slowest {slowest * 1000:.0f} ms with {ticks_during} "
+        f"heartbeats during it; worst gap {max(heartbeat.gaps) * 1000:.1f} ms"
     )
     assert len(reloads) >= 3
-    # The calls really waited for reloading systemd, or this test proves nothing ...
-    assert max(calls) > 0.1, f"no adapter call waited for a reload ({max(calls):.3f} s)"
-    # ... and meanwhile the loop kept ticking.
-    assert worst_gap < 0.05, f"event loop stalled for {worst_gap:.3f} s during reloads"
+    # The slowest call really waited for reloading systemd, or this test proves nothing ...
+    assert slowest > 0.1, f"no adapter call waited for a reload ({slowest:.3f} s)"
+    # ... and the loop went on running while it waited. A call that held the loop (pystemd's
+    # sd_bus_call keeps the GIL) lets no heartbeat run until it returns. Counting ticks, not
+    # bounding a gap, keeps this about behaviour: a loaded machine stretches gaps, not this.
+    assert ticks_during >= 3, f"the loop did not run during a {slowest:.3f} s call"
 
 
 def children() -> set[int]:
