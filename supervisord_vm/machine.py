@@ -200,9 +200,10 @@ class Machine:
         changed = new is not self.state
         self.state = new
         if event is not None and (changed or event not in (EventType.PAUSED, EventType.RESUMED)):
-            self._emit(event, message)
+            self.emit(event, message)
 
-    def _emit(self, event: EventType, message: str = "") -> None:
+    def emit(self, event: EventType, message: str = "") -> None:
+        """Announce an event about this VM as it is now (the supervisor uses it for define too)."""
         self._ctx.emit(
             MachineEvent(
                 time=time.time(),
@@ -345,7 +346,7 @@ class Machine:
         if self.state is not State.SHUTOFF:
             self._set_state(State.SHUTOFF)
         self._record_exit()
-        self._emit(EventType.STOPPED, message)
+        self.emit(EventType.STOPPED, message)
         self._ctx.on_exit(self, Reason.FAILED)
         raise StartFailed(message)
 
@@ -748,7 +749,7 @@ class Machine:
             self._run = None
         self.state = State.SHUTOFF  # every state may end in shutoff (TRANSITIONS)
         self.stop_requested = requested
-        self._emit(EventType.STOPPED, message)
+        self.emit(EventType.STOPPED, message)
         if run is not None and not run.settled.done():
             run.settled.set_result(reason)
         self._ctx.on_exit(self, reason)
@@ -954,14 +955,14 @@ class Machine:
                 return
             finally:
                 run.rebooting = run.reboot_guest_off = False
-            self._emit(EventType.REBOOTED)
+            self.emit(EventType.REBOOTED)
 
     async def reset(self) -> None:
         """Hard reset (QMP system_reset), like the reset button."""
         async with self._lock:
             run = self._current(Operation.RESET)
             await self._qmp(run).execute("system_reset")
-            self._emit(EventType.RESET)
+            self.emit(EventType.RESET)
 
     async def pause(self) -> None:
         async with self._lock:

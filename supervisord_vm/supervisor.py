@@ -397,15 +397,9 @@ class Supervisor:
             return False
         delay = min(self._limits.backoff * 2 ** len(history), self._limits.backoff_max)
         history.append(now)
-        self._emit(
-            MachineEvent(
-                time=time.time(),
-                name=machine.name,
-                event=EventType.RESTARTING,
-                state=machine.state,
-                reason=reason,
-                message=f"restart {len(history)} of {self._limits.limit} in {delay:g} s",
-            )
+        # The exit's cleanup has already recorded `reason` on the machine.
+        machine.emit(
+            EventType.RESTARTING, f"restart {len(history)} of {self._limits.limit} in {delay:g} s"
         )
         self._cancel_restart(machine.name)
         task = asyncio.ensure_future(self._restart_later(machine, delay))
@@ -471,7 +465,7 @@ class Supervisor:
                 machine.definition = defn
                 machine.set_transient(False)
             machine_info = machine.info()
-            self._emit_simple(machine, EventType.DEFINED)
+            machine.emit(EventType.DEFINED)
             return machine_info
 
     async def undefine(self, name: str, caller: Caller | None = None) -> None:
@@ -482,7 +476,7 @@ class Supervisor:
                 raise InvalidState(f"VM {name} is transient (not defined); destroy it instead")
             self._cancel_restart(name)
             self._definitions.remove(name)
-            self._emit_simple(machine, EventType.UNDEFINED)
+            machine.emit(EventType.UNDEFINED)
             if machine.state is State.SHUTOFF:
                 del self._machines[name]
                 self._restart_history.pop(name, None)
@@ -604,19 +598,8 @@ class Supervisor:
                 else:
                     machine.set_transient(True)
             for name in added:
-                self._emit_simple(self._machines[name], EventType.DEFINED)
+                self._machines[name].emit(EventType.DEFINED)
             return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
-
-    def _emit_simple(self, machine: Machine, event: EventType) -> None:
-        self._emit(
-            MachineEvent(
-                time=time.time(),
-                name=machine.name,
-                event=event,
-                state=machine.state,
-                reason=machine.reason,
-            )
-        )
 
 
 def _note_kept(errors: list[str], path: Path, name: str) -> list[str]:
