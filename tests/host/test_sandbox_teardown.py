@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from tests import sandbox
 from tests.sandbox import CHECKOUT
 
 RUNNER = [sys.executable, "-m", "tests.sandbox"]
+NOBODY = 65534
 
 
 def leftovers(runner_pid: int) -> list[str]:
@@ -93,13 +97,27 @@ def test_interrupted_run_is_torn_down() -> None:
 
 
 def test_refuses_clearly_when_not_root() -> None:
-    result = subprocess.run(
-        [*RUNNER, "--exec", "true"],
-        cwd=CHECKOUT,
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=lambda: os.setuid(65534),
-    )
-    assert result.returncode == 2
+    """A non-root user is told to use root, wherever root keeps the checkout.
+
+    root may clone the project below a 0700 directory (/root), where `nobody` can neither
+    enter the checkout nor run its venv's python. So the runner is copied, byte for byte, into
+    a directory everyone may read, and run by the base interpreter the venv was made from:
+    the same code, reached the way an unprivileged user with their own copy would reach it.
+    """
+    base_python = str(getattr(sys, "_base_executable", None) or sys.executable)
+    with tempfile.TemporaryDirectory(prefix="svm-not-root-") as scratch:
+        directory = Path(scratch)
+        directory.chmod(0o755)
+        runner = directory / "sandbox.py"
+        shutil.copyfile(Path(sandbox.__file__), runner)
+        runner.chmod(0o644)
+        result = subprocess.run(
+            [base_python, "-I", str(runner), "--exec", "true"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=lambda: os.setuid(NOBODY),
+        )
+    assert result.returncode == 2, result.stderr
     assert "must run as root" in result.stderr
