@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -35,6 +34,7 @@ from qemu.qmp import (
 
 from supervisord_vm.definition import Definition, Disk
 from supervisord_vm.errors import QmpDisconnected, QmpError
+from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldconfig
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,6 @@ _IN_MOVED_TO = 0x80
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
 _INOTIFY_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name, use_errno=True) if name else None
 
 
 async def _wait_for_path(path: Path) -> None:
