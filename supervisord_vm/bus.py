@@ -219,14 +219,21 @@ class Authorizer:
         return Caller(uid=uid, pid=pid), groups
 
     @staticmethod
-    def allowed(caller: Caller, groups: set[int] | None) -> bool:
+    async def allowed(caller: Caller, groups: set[int] | None) -> bool:
+        """Root, or a member of the admin group.
+
+        The group database is read in a worker thread: NSS may ask LDAP or sssd, which can take
+        seconds, and the event loop must keep answering other callers (and feeding the watchdog)
+        meanwhile. It is read on every call, not cached, so a group created or a member added
+        while the daemon runs counts at once.
+        """
         if caller.uid == 0:
             return True
-        gid = _admin_gid()
+        gid = await asyncio.to_thread(_admin_gid)
         if gid is None:
             return False
         if groups is None:
-            groups = _user_groups(caller.uid)
+            groups = await asyncio.to_thread(_user_groups, caller.uid)
         return gid in groups
 
 
@@ -289,19 +296,28 @@ class _Service:
     async def change(
         self, operation: str, target: str, action: Callable[[Caller], Awaitable[T]]
     ) -> T:
-        """Authorize (auditing a refusal), run and translate one changing call."""
+        """Authorize, then run and translate one changing call; audit every refusal.
+
+        ``action`` parses the call's arguments itself, so it runs only once the caller is
+        known to be allowed: whoever may not change anything gets AccessDenied, whatever the
+        arguments, and learns nothing from them. The core writes the audit record of every
+        call it receives (it has the Caller); the refusals made here never reach it, so this
+        audits them: AccessDenied ("denied") and arguments refused by the edge
+        ("InvalidArgument: ...", as the core words its own refusals).
+        """
         caller, groups = await _translated(self.authorizer.caller())
-        if not self.authorizer.allowed(caller, groups):
-            audit(caller, operation, target, "denied")
+        if not await _translated(self.authorizer.allowed(caller, groups)):
+            await asyncio.to_thread(audit, caller, operation, target, "denied")
             raise AccessDeniedError(
                 f"permission denied: {operation} needs root or membership in group "
                 f"{ADMIN_GROUP} (caller uid {caller.uid})"
             )
-        # The core writes the audit record of every call it receives (it has the Caller);
-        # only refusals, which never reach it, are audited here.
         try:
             return await action(caller)
         except asyncio.CancelledError:
+            raise
+        except InvalidArgumentError as exc:
+            await asyncio.to_thread(audit, caller, operation, target, f"InvalidArgument: {exc}")
             raise
         except Exception as exc:
             raise to_bus_error(exc) from exc
@@ -315,7 +331,9 @@ class _Service:
         return await _translated(run())
 
     def tail_log(self, name: str, lines: int) -> str:
-        path = self.supervisor.log_path(name)
+        """The end of VM ``name``'s QEMU log. Blocking (a stat and a read of up to
+        LOG_TAIL_LIMIT bytes): call it in a worker thread, never on the event loop."""
+        path = self.supervisor.log_path(name)  # NoSuchMachine: neither a VM nor a log
         try:
             with path.open("rb") as stream:
                 stream.seek(0, 2)
@@ -448,29 +466,34 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
         "db", flags=DbusUnprivilegedFlag, method_name="Shutdown", result_args_names=()
     )
     async def shutdown(self, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
-        name, limit = self._info.name, parse_timeout(timeout, "timeout")
-        await self._service.change(
-            "Shutdown",
-            name,
-            lambda c: self._service.supervisor.shutdown(name, limit, then_destroy, c),
-        )
+        name = self._info.name
+
+        async def run(caller: Caller) -> MachineInfo:
+            limit = parse_timeout(timeout, "timeout")
+            return await self._service.supervisor.shutdown(name, limit, then_destroy, caller)
+
+        await self._service.change("Shutdown", name, run)
 
     @dbus_method_async(
         "sd", flags=DbusUnprivilegedFlag, method_name="Destroy", result_args_names=()
     )
     async def destroy(self, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
-        name, how = self._info.name, parse_mode(mode)
-        limit = parse_timeout(timeout, "timeout")
-        await self._service.change(
-            "Destroy", name, lambda c: self._service.supervisor.destroy(name, how, limit, c)
-        )
+        name = self._info.name
+
+        async def run(caller: Caller) -> MachineInfo:
+            how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
+            return await self._service.supervisor.destroy(name, how, limit, caller)
+
+        await self._service.change("Destroy", name, run)
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Kill", result_args_names=())
     async def kill(self, signal_name: str) -> None:
-        name, number = self._info.name, parse_signal(signal_name)
-        await self._service.change(
-            "Kill", name, lambda c: self._service.supervisor.kill(name, number, c)
-        )
+        name = self._info.name
+
+        async def run(caller: Caller) -> None:
+            await self._service.supervisor.kill(name, parse_signal(signal_name), caller)
+
+        await self._service.change("Kill", name, run)
 
     @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Reboot", result_args_names=())
     async def reboot(self) -> None:
@@ -601,24 +624,33 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
     )
     async def shutdown(self, name: str, timeout: float, then_destroy: bool) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         """ACPI power button; wait until off (timeout 0 = no limit); then_destroy after it."""
-        limit = parse_timeout(timeout, "timeout")
-        await self._changed(
-            "Shutdown", name, lambda c: self._sup.shutdown(name, limit, then_destroy, c)
-        )
+
+        async def run(caller: Caller) -> MachineInfo:
+            limit = parse_timeout(timeout, "timeout")
+            return await self._sup.shutdown(name, limit, then_destroy, caller)
+
+        await self._changed("Shutdown", name, run)
 
     @dbus_method_async(
         "ssd", flags=DbusUnprivilegedFlag, method_name="Destroy", result_args_names=()
     )
     async def destroy(self, name: str, mode: str, timeout: float) -> None:  # noqa: ASYNC109 - an argument, not our deadline
         """mode default|graceful|force; timeout 0 = the VM's stop timeout."""
-        how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
-        await self._changed("Destroy", name, lambda c: self._sup.destroy(name, how, limit, c))
+
+        async def run(caller: Caller) -> MachineInfo:
+            how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
+            return await self._sup.destroy(name, how, limit, caller)
+
+        await self._changed("Destroy", name, run)
 
     @dbus_method_async("ss", flags=DbusUnprivilegedFlag, method_name="Kill", result_args_names=())
     async def kill(self, name: str, signal_name: str) -> None:
         """Send a signal (number or name) to every process of the VM's scope."""
-        number = parse_signal(signal_name)
-        await self._changed("Kill", name, lambda c: self._sup.kill(name, number, c))
+
+        async def run(caller: Caller) -> None:
+            await self._sup.kill(name, parse_signal(signal_name), caller)
+
+        await self._changed("Kill", name, run)
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reboot", result_args_names=())
     async def reboot(self, name: str) -> None:
@@ -656,10 +688,12 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
     async def shutdown_all(self, timeout: float, parallel: int) -> list[tuple[str, str]]:  # noqa: ASYNC109 - an argument, not our deadline
         """Host shutdown: ACPI to every running VM, `parallel` at a time (0 = all), destroy
         what is still running after `timeout` seconds (0 = each VM's stop timeout)."""
-        limit = parse_timeout(timeout, "timeout")
-        results = await self._changed(
-            "ShutdownAll", "", lambda c: shutdown_all(self._sup, limit, parallel, c)
-        )
+
+        async def run(caller: Caller) -> dict[str, str]:
+            limit = parse_timeout(timeout, "timeout")
+            return await shutdown_all(self._sup, limit, parallel, caller)
+
+        results = await self._changed("ShutdownAll", "", run)
         return sorted(results.items())
 
     @dbus_method_async(
@@ -684,8 +718,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         the output may carry guest console text."""
 
         async def tail(_caller: Caller) -> str:
-            self._sup.log_path(name)  # NoSuchMachine: neither a VM nor a log of that name
-            return self._service.tail_log(name, lines)
+            return await asyncio.to_thread(self._service.tail_log, name, lines)
 
         return await self._service.change("GetLog", name, tail)
 
