@@ -342,6 +342,8 @@ def inside_env() -> dict[str, str]:
     for key in ("SVM_STRICT", "CI", "TERM", "PYTEST_ADDOPTS"):
         if key in os.environ:
             env[key] = os.environ[key]
+    # Test knobs (SVM_CHAOS_ITERATIONS, SVM_CHAOS_SEED, SVM_LOAD_SECONDS, ...: RELIABILITY.md).
+    env |= {k: v for k, v in os.environ.items() if k.startswith("SVM_") and k not in env}
     return env
 
 
