@@ -390,7 +390,7 @@ def parse_definition(text: str, source: str = "definition") -> Definition:
 
     if errors:
         raise InvalidDefinition(f"{source}: " + "; ".join(errors))
-    return Definition(
+    defn = Definition(
         name=name,
         memory=memory,
         cpus=cpus,
@@ -403,6 +403,30 @@ def parse_definition(text: str, source: str = "definition") -> Definition:
         extra_args=extra_args,
         disks=disks,
     )
+    _check_writable(defn, source)
+    return defn
+
+
+def _check_writable(defn: Definition, source: str) -> None:
+    """Refuse a definition whose canonical file could not be read back.
+
+    The daemon stores and records definitions in their canonical form, which spells out every
+    default and escapes unprintable characters (up to 10 bytes for one): a text just under the
+    size limit can grow past it, and a string holding a lone surrogate (possible from a Python
+    caller, never from UTF-8) cannot be written at all. Accepting either would store a file
+    that the next reload or daemon start refuses.
+    """
+    try:
+        size = len(definition_to_toml(defn).encode("utf-8"))
+    except InvalidDefinition:
+        raise InvalidDefinition(
+            f"{source}: a string holds a lone surrogate, which is not a Unicode character"
+        ) from None
+    if size > DEFINITION_MAX_BYTES:
+        raise InvalidDefinition(
+            f"{source}: too large once written out ({size} bytes with every default and "
+            f"escape spelled out; a definition may have at most {DEFINITION_MAX_BYTES} bytes)"
+        )
 
 
 # --- writing ---------------------------------------------------------------------------------
