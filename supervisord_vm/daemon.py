@@ -4,6 +4,14 @@ Order of start-up matters: take the single-instance lock, let the supervisor rea
 VMs, export the D-Bus objects, take the bus name, and only then tell systemd READY=1 — so a
 client that finds the name always finds a complete and current daemon. SIGTERM stops the daemon
 and nothing else: VMs live in their own scopes and keep running.
+
+A daemon that loses a system-bus connection (its own, where it owns its name, or either of the
+systemd adapter's) exits with EXIT_CONNECTION_LOST instead of reconnecting in place: its name,
+its exported objects, systemd's Subscribe and its match rules are gone, and unit signals sent
+meanwhile are lost for good, so the only trustworthy picture is a fresh one. Restart=on-failure
+starts it again, and start-up's reattach (the same path as after a crash) resynchronises every
+VM from systemd's and QEMU's current state. It stops feeding the watchdog at once, and the exit
+cannot hang on the dead bus: a deadline ends the process if the clean exit path stalls.
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import ClassVar, TextIO, TypeVar
 
 import sdnotify
 from sdbus import SdBus, sd_bus_open_system
-from sdbus.sd_bus_internals import SdBusRequestNameError
+from sdbus.sd_bus_internals import SdBusMessage, SdBusRequestNameError
 
 from supervisord_vm.bus import BUS_NAME, BusService
 from supervisord_vm.model import Caller
@@ -31,13 +39,21 @@ from supervisord_vm.supervisor import Supervisor
 from supervisord_vm.systemd import Systemd
 
 log = logging.getLogger("supervisord_vm")
+_T = TypeVar("_T")
 
 LOCK_NAME = "supervisord-vm.lock"
 EXIT_ALREADY_RUNNING = 3  # an LSB "not running"-style code; Restart=on-failure would retry
+EXIT_CONNECTION_LOST = 75  # EX_TEMPFAIL: restart me (Restart=on-failure) and I reattach
+LOST_EXIT_DEADLINE = 10.0  # seconds the clean exit path may take after a lost connection
+_LOCAL_IFACE = "org.freedesktop.DBus.Local"
 
 
 class AlreadyRunning(Exception):
     """Another supervisord-vm holds the lock or the bus name."""
+
+
+class ConnectionLost(Exception):
+    """A system-bus connection the daemon needs is gone; Daemon.lost_reason says which."""
 
 
 class Notifier:
@@ -108,7 +124,86 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._bus_watch: object = None  # the Disconnected match slot, kept referenced
+        self.systemd: Systemd | None = None
         self.supervisor: Supervisor | None = None
+        self.lost_reason = ""
+
+    def lose(self, reason: str) -> None:
+        """A connection is gone: stop the watchdog, say so, and leave (see the module doc)."""
+        if self.lost_reason:
+            return
+        self.lost_reason = reason
+        log.error(
+            "%s: exiting with status %d so that systemd restarts the daemon, which then "
+            "reattaches to the running VMs (they keep running)",
+            reason,
+            EXIT_CONNECTION_LOST,
+        )
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+        self.notifier.send(f"STATUS=lost the system bus ({reason}); exiting to be restarted")
+        asyncio.get_running_loop().call_later(LOST_EXIT_DEADLINE, self._exit_now)
+        self.stopping.set()
+
+    def _exit_now(self) -> None:
+        log.critical(
+            "the exit after a lost connection did not finish within %.0f s; exiting at once",
+            LOST_EXIT_DEADLINE,
+        )
+        logging.shutdown()
+        os._exit(EXIT_CONNECTION_LOST)
+
+    def _check_lost(self) -> None:
+        """Adopt the systemd adapter's loss (its event may not have been seen yet) and raise."""
+        if not self.lost_reason and self.systemd is not None and self.systemd.lost.is_set():
+            self.lose(self.systemd.lost_reason)
+        if self.lost_reason:
+            raise ConnectionLost(self.lost_reason)
+
+    async def _unless_lost(self, awaitable: Awaitable[_T]) -> _T:
+        """Await AWAITABLE, but give up (ConnectionLost) as soon as a connection is lost.
+
+        Start-up calls systemd and the bus: without this a lost connection during reattach
+        would leave start-up waiting, or fail it with a misleading traceback.
+        """
+        work = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+        try:
+            self._check_lost()
+        except ConnectionLost:
+            if work.done() and not work.cancelled():
+                work.exception()  # retrieved: the loss explains it
+            raise
+        if not work.done():
+            raise ConnectionLost("stopped during start-up")  # SIGTERM while starting
+        return work.result()
+
+    async def _watch_bus(self, bus: SdBus) -> None:
+        """sd-bus's local Disconnected signal on the daemon's own connection means the bus
+        daemon went away (or dropped us): the name and every exported object are gone."""
+
+        def disconnected(message: SdBusMessage) -> None:
+            if message.interface == _LOCAL_IFACE:
+                self.lose("the system bus closed the daemon's connection (its name is gone)")
+
+        # Only the member in the rule: see Systemd._watch_disconnect for why.
+        self._bus_watch = await bus.match_signal_async(
+            None, None, None, "Disconnected", disconnected
+        )
+
+    async def _watch_systemd(self, systemd: Systemd) -> None:
+        await systemd.lost.wait()
+        self.lose(systemd.lost_reason)
 
     async def reload(self, caller: Caller | None = None) -> tuple[list[str], ...]:
         """RELOADING=1, re-read definitions, READY=1 — for SIGHUP and the Reload method."""
@@ -155,18 +250,23 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, log_resource_counts)
         interval = watchdog_interval()
         if interval is not None:
-            self._spawn(self._watchdog(interval))
+            self._watchdog_task = asyncio.ensure_future(self._watchdog(interval))
+            self._tasks.add(self._watchdog_task)
+            self._watchdog_task.add_done_callback(self._tasks.discard)
 
         self.notifier.status("reattaching to running VMs")
-        systemd = await Systemd.connect()
+        await self._watch_bus(bus)
+        systemd = await self._unless_lost(Systemd.connect())
+        self.systemd = systemd
+        self._spawn(self._watch_systemd(systemd))
         supervisor = Supervisor(self.paths, systemd, slice=self.slice_name)
         self.supervisor = supervisor
         service = BusService(bus, supervisor, self.reload)
         try:
-            await supervisor.start_up()
+            await self._unless_lost(supervisor.start_up())
             service.export()
             try:
-                await bus.request_name_async(BUS_NAME, 0)
+                await self._unless_lost(bus.request_name_async(BUS_NAME, 0))
             except SdBusRequestNameError as exc:
                 raise AlreadyRunning(
                     f"the bus name {BUS_NAME} is taken by another process "
@@ -179,8 +279,12 @@ class Daemon:
             log.info("ready: %s", supervisor.summary())
             await self.stopping.wait()
             unsubscribe()
-            log.info("stopping; VMs keep running in their scopes")
-            self.notifier.send("STOPPING=1", "STATUS=stopping (VMs keep running)")
+            if not self.lost_reason:
+                log.info("stopping; VMs keep running in their scopes")
+                self.notifier.send("STOPPING=1", "STATUS=stopping (VMs keep running)")
+        except ConnectionLost:
+            if not self.lost_reason:
+                log.info("stopped during start-up; VMs keep running in their scopes")
         finally:
             service.close()
             for task in list(self._tasks):
@@ -255,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                     bus.close()
 
             asyncio.run(run())
+            if daemon.lost_reason:
+                return EXIT_CONNECTION_LOST
     except AlreadyRunning as exc:
         print(f"supervisord-vm: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

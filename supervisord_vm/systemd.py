@@ -15,6 +15,15 @@ lets the adapter trust only systemd's current unique name, and needs no C-level 
 are the setup calls to the bus daemon itself (AddMatch, GetNameOwner), never to systemd, and
 after setup it makes no call at all, so no signal can hide in sd-bus's queue while the fd stays
 quiet. systemd's Subscribe goes over the sdbus connection and lasts as long as the adapter.
+
+Either connection can be lost (`systemctl restart dbus` closes every client's connection; the
+bus daemon can also drop one connection alone). A lost connection is noticed from the bus
+itself, never by polling: sd-bus's local ``Disconnected`` signal on the call connection, the
+same message or a failing ``process()`` on the signal connection. The adapter then fails every
+waiting job, refuses further calls and sets ``lost``: it does not reconnect by itself, because
+its Subscribe, its match rules and the unit states it tracked are gone with the connection and
+signals sent meanwhile are lost. Its owner decides what to do (the daemon exits and is
+restarted by systemd, whose reattach resynchronises every VM from systemd's current state).
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ _B_PROPS_IFACE = b"org.freedesktop.DBus.Properties"
 _B_DBUS = b"org.freedesktop.DBus"
 _B_DBUS_PATH = b"/org/freedesktop/DBus"
 _B_LOCAL_IFACE = b"org.freedesktop.DBus.Local"
+LOCAL_IFACE = "org.freedesktop.DBus.Local"
 
 # Rules for the signal connection. path_namespace keeps other objects' PropertiesChanged away.
 _MATCH_RULES = (
@@ -349,6 +359,14 @@ class Systemd:
         self._job_watches: dict[str, list[_JobWatch]] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._closed = False
+        self._lost_reason = ""
+        self._disconnect_watches: list[asyncio.Future[Any]] = []  # keep the match slots alive
+        self.lost = asyncio.Event()  # set once a connection is gone; see lost_reason
+
+    @property
+    def lost_reason(self) -> str:
+        """Which connection was lost and how ("" while both are up)."""
+        return self._lost_reason
 
     @classmethod
     async def connect(cls) -> Systemd:
@@ -362,6 +380,11 @@ class Systemd:
         loop.add_reader(self._signal_fd, self._drain)
         loop.call_soon(self._drain)  # setup calls may have queued signals without waking the fd
         try:
+            try:
+                self._bus()
+                await self._disconnect_watches[-1]  # the match is in place before Subscribe
+            except SdBusBaseError as exc:
+                raise map_error(exc, "connecting to systemd") from exc
             # Without a subscriber systemd emits no unit signals. The subscription belongs to
             # the call connection, so it ends when the adapter closes it.
             await self._call("subscribing to systemd", _MANAGER_PATH, _MANAGER_IFACE, "Subscribe")
@@ -465,9 +488,37 @@ class Systemd:
     # --- calls (sdbus, on the loop) ---
 
     def _bus(self) -> SdBus:
+        """The call connection, opened on first use; never reopened once lost."""
+        if self._lost_reason:
+            raise SdBusLibraryError(f"connection to systemd lost: {self._lost_reason}")
         if self._call_bus is None:
-            self._call_bus = sd_bus_open_system()
+            bus = sd_bus_open_system()
+            self._call_bus = bus
+            self._watch_disconnect(bus)
         return self._call_bus
+
+    def _watch_disconnect(self, bus: SdBus) -> None:
+        """Learn of the call connection's end from sd-bus's local Disconnected signal.
+
+        The rule names only the member: a rule naming the interface org.freedesktop.DBus.Local
+        is kept local by sd-bus, which then never completes sdbus's future for the match (and
+        sdbus hands the signal to that future instead of the callback). The bus daemon routes
+        signals of that member from others too; the callback checks the interface.
+        """
+
+        def disconnected(message: Any) -> None:
+            if message.interface == LOCAL_IFACE and self._call_bus is bus:
+                self._call_bus = None
+                with contextlib.suppress(Exception):
+                    bus.close()
+                self._lose("the system bus closed the connection for calls to systemd")
+
+        watch = asyncio.ensure_future(
+            bus.match_signal_async(None, None, None, "Disconnected", disconnected)
+        )
+        # A bus closed before the bus daemon confirmed the rule fails the future: nobody waits.
+        watch.add_done_callback(lambda future: future.cancelled() or future.exception())
+        self._disconnect_watches.append(watch)
 
     async def _call_raw(
         self, path: str, interface: str, method: str, signature: str = "", *args: Any
@@ -485,9 +536,10 @@ class Systemd:
             reply = await bus.call_async(message)
         except SdBusBaseError as exc:
             if bus is not None and self._call_bus is bus and _disconnected(exc):
-                self._call_bus = None  # the next call reconnects
+                self._call_bus = None
                 with contextlib.suppress(Exception):
                     bus.close()
+                self._lose(f"a call to systemd found its connection gone ({exc})")
             raise
         return reply.get_contents()
 
@@ -554,8 +606,7 @@ class Systemd:
             try:
                 message = self._signal_bus.process()
             except DBusBaseError as exc:
-                log.error("systemd signal connection failed: %s", exc)
-                self._stop_signals(map_error(exc, "systemd signal connection"))
+                self._lose(f"the connection for systemd's signals failed: {map_error(exc, 'read')}")
                 return
             if self._dispatch(message):
                 empty_in_a_row = 0
@@ -566,8 +617,7 @@ class Systemd:
         """Handle one message; False when there was none."""
         if message.is_empty():
             if message.is_signal(_B_LOCAL_IFACE, b"Disconnected"):
-                log.error("the system bus closed the systemd signal connection")
-                self._stop_signals(SystemdError("the system bus connection was closed"))
+                self._lose("the system bus closed the connection for systemd's signals")
                 return True
             return False  # NULL (or a body-less message we do not match)
         if message.is_signal(_B_DBUS, b"NameOwnerChanged"):
@@ -628,6 +678,23 @@ class Systemd:
                 callback(event)
             except Exception:
                 log.exception("unit event subscriber failed on %s", event)
+
+    def _lose(self, reason: str) -> None:
+        """A connection is gone: fail what waits on it, refuse what comes, tell the owner once.
+
+        Both connections go: a Subscribe or a match rule that lived on the lost one is not
+        there any more, so half an adapter would silently miss exits.
+        """
+        if self._closed or self._lost_reason:
+            return
+        self._lost_reason = reason
+        log.error("lost the connection to systemd: %s", reason)
+        self._stop_signals(SystemdError(f"connection to systemd lost: {reason}"))
+        bus, self._call_bus = self._call_bus, None
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                bus.close()
+        self.lost.set()
 
     def _stop_signals(self, error: SystemdError) -> None:
         """The signal connection is gone: nothing will resolve waiting jobs, so fail them."""

@@ -385,7 +385,7 @@ def test_call_errors_carry_systemds_message(
         systemd._loop.run_until_complete(systemd.kill_unit("svm-a.scope", 9))
 
 
-def test_lost_call_connection_is_dropped_for_the_next_call(
+def test_lost_call_connection_loses_the_adapter_and_refuses_later_calls(
     adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
 ) -> None:
     systemd, _bus, _events = adapter
@@ -401,6 +401,39 @@ def test_lost_call_connection_is_dropped_for_the_next_call(
         systemd._loop.run_until_complete(systemd.reset_failed("svm-a.scope"))
     assert fake.closed
     assert systemd._call_bus is None
+    assert systemd.lost.is_set() and "connection gone" in systemd.lost_reason
+    # No silent reconnect: its Subscribe went with the old connection.
+    with pytest.raises(SystemdError, match="connection to systemd lost"):
+        systemd._loop.run_until_complete(systemd.reset_failed("svm-a.scope"))
+
+
+class DisconnectedMessage(NullMessage):
+    """sd-bus's local Disconnected signal: body-less, so pystemd shows it as empty."""
+
+    def is_signal(self, interface: bytes, member: bytes) -> bool:
+        return (interface, member) == (b"org.freedesktop.DBus.Local", b"Disconnected")
+
+
+def test_disconnected_signal_connection_loses_the_adapter_and_fails_waiting_jobs(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    use_call_bus(systemd, lambda message: "/org/freedesktop/systemd1/job/1")
+
+    async def scenario() -> str:
+        stopping = asyncio.ensure_future(systemd.stop_unit("svm-a.scope"))
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            if systemd._job_watches["svm-a.scope"][0].path is not None:
+                break
+        bus.queue.append(DisconnectedMessage())
+        systemd._drain()
+        return await stopping
+
+    with pytest.raises(SystemdError, match="connection to systemd lost"):
+        systemd._loop.run_until_complete(scenario())
+    assert systemd.lost.is_set()
+    assert systemd.lost_reason == "the system bus closed the connection for systemd's signals"
 
 
 # --- spawn trampoline with a fake scope creator ------------------------------------------------
