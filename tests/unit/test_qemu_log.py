@@ -197,6 +197,24 @@ def test_output_since_a_header_survives_a_copytruncate(tmp_path: Path) -> None:
     assert read_since(log, offset, 8192) == b"qemu: early line\nqemu: cannot open disk\n"
 
 
+def test_copytruncate_keeps_a_cut_write_on_a_line_of_its_own(tmp_path: Path) -> None:
+    log = tmp_path / "vm.log"
+    log.write_bytes(b"a" * LIMIT + b"\nqemu: half a li")
+    assert copy_truncate(log, LIMIT)
+    assert rotated_path(log).read_bytes() == b"a" * LIMIT + b"\nqemu: half a li\n"
+    assert log.read_bytes() == b""
+    assert not (tmp_path / "vm.log.1.tmp").exists()
+
+
+def test_copytruncate_leaves_a_log_within_the_limit_alone(tmp_path: Path) -> None:
+    log = tmp_path / "vm.log"
+    log.write_bytes(b"a" * LIMIT)
+    assert not copy_truncate(log, LIMIT)
+    assert not copy_truncate(tmp_path / "missing.log", LIMIT)
+    assert log.read_bytes() == b"a" * LIMIT
+    assert not rotated_path(log).exists()
+
+
 # --- copytruncate while writers run -------------------------------------------------------------
 
 
