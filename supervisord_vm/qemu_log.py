@@ -5,7 +5,8 @@ inherits, so its output never waits for the daemon and survives daemon restarts.
 bounds the file from the side instead of sitting in the output path: at each start a log over
 the limit becomes NAME.log.1 (one older generation is kept), and while QEMU runs a LogBounder
 woken by inotify copies a log that passed the limit to NAME.log.1 and truncates it, as
-logrotate's ``copytruncate`` does. So each VM keeps at most about twice the limit on disk.
+logrotate's ``copytruncate`` does. So each VM keeps about twice the limit on disk (more only
+while a QEMU writes faster than the copy keeps up, see copy_truncate).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # 1 MiB per file, 2 MiB per VM with NAME.log.1: thousands of starts' worth of QEMU's usual
 # output (a header and a few warnings each), the size one GetLog call returns (bus.py's
-# LOG_TAIL_LIMIT), and a copy that takes about a millisecond, so a copytruncate holds a worker
-# thread and _generation_lock only briefly. Hundreds of VMs fit comfortably in /var/log.
+# LOG_TAIL_LIMIT), and a copy of about 3 ms (measured on ext4, page cache), so a copytruncate
+# holds a worker thread and _generation_lock only briefly. 500 VMs take at most about 1 GiB.
 DEFAULT_LIMIT = 1 << 20
 LOG_SUFFIX = ".log"
 _CHUNK = 64 * 1024
