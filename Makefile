@@ -1,13 +1,14 @@
 # supervisord-vm — developer and install targets. Everything here runs as root.
 #   make test     install what is missing, then run the whole test suite (unit + integration)
 #   make check    formatting, lint and strict typing
+#   make reliability  the reliability proofs with their full counts (RELIABILITY.md)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 APT_PACKAGES := qemu-system-x86 systemd-container libsystemd-dev pkg-config gcc gdb \
 	python3-venv python3-dev dbus util-linux
 
-.PHONY: deps venv test test-host test-sandbox check
+.PHONY: deps venv test test-host test-sandbox check reliability
 
 # Debian packages the build and the tests need; installs only what is missing.
 deps:
@@ -43,6 +44,16 @@ test-sandbox: venv
 	$(VENV)/bin/python -m tests.sandbox -- -q -p no:cacheprovider tests/unit tests/integration
 
 test: test-host test-sandbox
+
+# The reliability proofs with their full counts (RELIABILITY.md; `make test` runs reduced ones).
+RELIABILITY_COUNTS := SVM_CHAOS_ITERATIONS=60 SVM_LOAD_SECONDS=60 SVM_FUZZ_CALLS=10000 \
+	SVM_FUZZ_EXAMPLES=2000 SVM_INFRA_REPEAT=10
+reliability: venv
+	$(RELIABILITY_COUNTS) $(VENV)/bin/python -m tests.sandbox -- -q -p no:cacheprovider \
+		tests/unit/test_definition_fuzz.py tests/integration/test_crash_consistency.py \
+		tests/integration/test_chaos.py tests/integration/test_load.py \
+		tests/integration/test_infra_faults.py tests/integration/test_hostile_input.py \
+		tests/integration/test_pending_operations.py
 
 # --- install / uninstall (issue 4) ------------------------------------------------------------
 # make install [DESTDIR=/staging] [PREFIX=/usr/local] [WHEELHOUSE=dir-of-wheels]
