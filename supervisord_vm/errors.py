@@ -67,3 +67,7 @@ class QmpError(SvmError):
 
 class QmpDisconnected(QmpError):
     """The QMP connection ended (QEMU exited or closed the socket)."""
+
+
+class QmpTimeout(QmpError):
+    """QEMU did not answer a QMP command in time (its main loop is stopped or stuck)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from supervisord_vm.errors import AlreadyRunning, InvalidState, NotRunning
 from supervisord_vm.model import DestroyMode, Reason, State
+from supervisord_vm.signals import signal_name
 
 
 class Operation(enum.StrEnum):
@@ -39,7 +40,7 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
 # The states in which each operation may begin.
 ALLOWED: Mapping[Operation, frozenset[State]] = {
     Operation.START: frozenset({State.SHUTOFF}),
-    Operation.SHUTDOWN: frozenset({State.RUNNING}),
+    Operation.SHUTDOWN: frozenset({State.RUNNING, State.STOPPING}),  # STOPPING: joins one
     Operation.DESTROY: frozenset({State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING}),
     Operation.KILL: frozenset({State.RUNNING, State.PAUSED, State.STOPPING}),
     Operation.REBOOT: frozenset({State.RUNNING}),
@@ -88,35 +89,213 @@ def check_operation(name: str, operation: Operation, state: State) -> None:
     raise InvalidState(f"cannot {operation} VM {name} while it is {state}")
 
 
+# --- the pending operation ---------------------------------------------------------------------
+
+
+class PendingOp(enum.StrEnum):
+    """An operation on a run that is in progress: asked for, and its effect not yet seen."""
+
+    NONE = ""
+    SHUTDOWN = "shutdown"  # the power button was pressed; the guest's power-off is awaited
+    DESTROY = "destroy"  # QEMU is being ended (Pending.mode says how)
+    REBOOT = "reboot"  # QEMU pauses on the guest's power-off; the daemon then resets it
+    KILL = "kill"  # a signal that may end QEMU was sent (Pending.signal)
+
+
+# How strong each destroy mode is: a destroy in flight is only ever escalated, never weakened.
+_DESTROY_STRENGTH: Mapping[DestroyMode, int] = {
+    DestroyMode.GRACEFUL: 0,
+    DestroyMode.DEFAULT: 1,
+    DestroyMode.FORCE: 2,
+}
+
+# Signals QEMU handles by stopping the guest and exiting cleanly (SHUTDOWN reason host-signal).
+QEMU_TERMINATION_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The one operation in progress on a VM's run; persisted in its runtime record.
+
+    Written before the daemon acts, so a daemon killed meanwhile lets the next one finish the
+    operation (or classify the exit it caused) instead of guessing. Changes only through
+    `begin` and `end`, which apply the rules below; everything else reads it.
+    """
+
+    op: PendingOp = PendingOp.NONE
+    mode: DestroyMode | None = None  # DESTROY only
+    signal: int = 0  # KILL only
+    since: float = 0.0  # when it began (seconds since the epoch)
+    guest_off: bool = False  # REBOOT only: the guest powered off, QEMU waits paused for a reset
+
+    @property
+    def stopping(self) -> bool:
+        """A stop asked through the daemon: its exit is never undone by the restart policy."""
+        return self.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY, PendingOp.KILL)
+
+    def begin(self, new: Pending) -> Pending:
+        """What is pending once `new` is asked for while this is; InvalidState if it may not.
+
+        - a destroy wins over everything and is only escalated (graceful < default < force);
+        - a shutdown joins a pending shutdown and replaces a reboot (the reboot is cancelled);
+        - a kill during a stop leaves the stop pending: that stop explains the exit;
+        - a reboot cannot begin during a stop.
+        """
+        if new.op is PendingOp.DESTROY:
+            weaker = (
+                self.op is PendingOp.DESTROY
+                and self.mode is not None
+                and new.mode is not None
+                and _DESTROY_STRENGTH[new.mode] <= _DESTROY_STRENGTH[self.mode]
+            )
+            return self if weaker else new
+        if new.op is PendingOp.KILL:
+            return self if self.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY) else new
+        if self.op is PendingOp.DESTROY:
+            raise InvalidState(f"cannot {new.op}: the VM is being destroyed")
+        if new.op is PendingOp.SHUTDOWN:
+            return self if self.op is PendingOp.SHUTDOWN else new
+        if new.op is PendingOp.REBOOT:
+            if self.op is PendingOp.SHUTDOWN:
+                raise InvalidState("cannot reboot: the VM is shutting down")
+            return self if self.op is PendingOp.REBOOT else new
+        raise ValueError(f"not an operation to begin: {new!r}")
+
+    def end(self, ended: Pending) -> Pending:
+        """What is pending once `ended` finished or gave up with QEMU still running.
+
+        Only the operation that ended is dropped: a graceful destroy that answers Busy while a
+        stronger destroy is in flight leaves that destroy pending.
+        """
+        if self.op is ended.op and self.mode is ended.mode and self.signal == ended.signal:
+            return NO_PENDING
+        return self
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "op": str(self.op),
+            "mode": str(self.mode) if self.mode is not None else "",
+            "signal": self.signal,
+            "since": self.since,
+            "guest_off": self.guest_off,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Pending:
+        """Read a record's pending operation; ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("field 'pending' is not an object")
+        op, mode, sig = data.get("op", ""), data.get("mode", ""), data.get("signal", 0)
+        since, guest_off = data.get("since", 0.0), data.get("guest_off", False)
+        if not isinstance(op, str) or op not in set(PendingOp):
+            raise ValueError("field 'pending.op' is not a known operation")
+        if not isinstance(mode, str) or (mode and mode not in set(DestroyMode)):
+            raise ValueError("field 'pending.mode' is not a destroy mode")
+        if isinstance(sig, bool) or not isinstance(sig, int) or not 0 <= sig < 128:
+            raise ValueError("field 'pending.signal' is not a signal number")
+        if isinstance(since, bool) or not isinstance(since, int | float):
+            raise ValueError("field 'pending.since' has the wrong type")
+        if not isinstance(guest_off, bool):
+            raise ValueError("field 'pending.guest_off' has the wrong type")
+        kind = PendingOp(op)
+        if (kind is PendingOp.DESTROY) != bool(mode):
+            raise ValueError("field 'pending.mode' is required for a destroy, and only there")
+        return cls(kind, DestroyMode(mode) if mode else None, sig, float(since), guest_off)
+
+    @classmethod
+    def from_stop_intent(cls, stop: str, stop_at: float) -> Pending:
+        """Records of earlier versions carried a stop intent string instead."""
+        if stop == "shutdown":
+            return cls(PendingOp.SHUTDOWN, since=stop_at)
+        if stop == "destroy":
+            return cls(PendingOp.DESTROY, DestroyMode.DEFAULT, since=stop_at)
+        if stop in ("destroy-graceful", "destroy-force"):
+            return cls(PendingOp.DESTROY, DestroyMode(stop.removeprefix("destroy-")), since=stop_at)
+        if stop == "":
+            return NO_PENDING
+        raise ValueError("field 'stop' is not a known stop intent")
+
+    def describe(self) -> str:
+        """For messages: "destroy (graceful)", "kill (SIGUSR1)", "shutdown"."""
+        if self.op is PendingOp.DESTROY and self.mode is not None:
+            return f"destroy ({self.mode})"
+        if self.op is PendingOp.KILL:
+            return f"kill ({signal_name(self.signal)})"
+        return str(self.op) or "nothing"
+
+
+NO_PENDING = Pending()
+
+
+def destroy(mode: DestroyMode, since: float) -> Pending:
+    return Pending(PendingOp.DESTROY, mode, since=since)
+
+
+def shutdown(since: float) -> Pending:
+    return Pending(PendingOp.SHUTDOWN, since=since)
+
+
+def reboot(since: float) -> Pending:
+    return Pending(PendingOp.REBOOT, since=since)
+
+
+def kill(sig: int, since: float) -> Pending:
+    return Pending(PendingOp.KILL, signal=sig, since=since)
+
+
+# --- exit classification -----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ExitFacts:
     """Everything known about one run's end, gathered from the process, QMP and systemd."""
 
+    pending: Pending = NO_PENDING  # the operation in progress when QEMU exited
     start_failed: bool = False
-    destroy_requested: bool = False
-    our_sigterm_pending: bool = False  # a graceful destroy answered Busy earlier
+    sigterm_sent: bool = False  # a graceful destroy answered Busy earlier: its SIGTERM may act
     shutdown_guest: bool | None = None  # SHUTDOWN event: guest flag; None if none came
     shutdown_reason: str = ""  # SHUTDOWN event: QEMU's reason (host-signal, guest-shutdown, ...)
     external_stop: bool = False  # the unit went deactivating without our request
     unit_result: str = ""
-    # A shutdown asked for by a daemon that died; its SHUTDOWN event may have gone unseen.
-    shutdown_unseen: bool = False
+    exit_signal: int | None = None  # known only for a QEMU this daemon spawned
+    exit_status: int | None = None
+    # Adopted from a previous daemon while QEMU was no longer running: events may be unseen.
+    events_missed: bool = False
+
+
+def kill_caused_exit(sig: int, facts: ExitFacts) -> bool:
+    """Whether the exit is the effect of a kill with `sig` (not of something after it).
+
+    QEMU ends on SIGTERM/SIGINT/SIGHUP with a SHUTDOWN `host-signal` event; other signals that
+    end it leave no event, and for a QEMU this daemon spawned, the exit signal says which.
+    A guest power-off, an error exit or another signal is not the kill's doing.
+    """
+    if facts.shutdown_guest is True:
+        return False
+    if facts.shutdown_reason == "host-signal":
+        return sig in QEMU_TERMINATION_SIGNALS
+    if facts.exit_signal is not None:
+        return facts.exit_signal == sig
+    return facts.exit_status is None and facts.shutdown_guest is None
 
 
 def classify_exit(facts: ExitFacts) -> Reason:
     """The reason for an exit this daemon watched; pure, so the rules are tested on their own."""
+    pending = facts.pending
     if facts.start_failed:
         return Reason.FAILED
-    if facts.destroy_requested:
+    if pending.op is PendingOp.DESTROY:
         return Reason.DESTROYED
     if facts.shutdown_guest is True:
         return Reason.SHUTDOWN
-    if facts.our_sigterm_pending and facts.shutdown_reason == "host-signal":
+    if pending.op is PendingOp.KILL and kill_caused_exit(pending.signal, facts):
+        return Reason.DESTROYED
+    if facts.sigterm_sent and facts.shutdown_reason == "host-signal":
         return Reason.DESTROYED
     if facts.external_stop or facts.unit_result == "timeout":
         return Reason.STOPPED_EXTERNALLY
-    if facts.shutdown_unseen and facts.shutdown_guest is None:
-        return classify_settled("shutdown", facts.unit_result)
+    if pending.op is PendingOp.SHUTDOWN and facts.events_missed and facts.shutdown_guest is None:
+        return classify_settled(pending, facts.unit_result)
     if facts.shutdown_guest is False and facts.shutdown_reason != "host-error":
         return Reason.STOPPED_EXTERNALLY
     return Reason.CRASHED
@@ -127,35 +306,24 @@ def classify_lost(unit_result: str) -> Reason:
     return Reason.CRASHED if unit_result in CRASH_RESULTS else Reason.LOST
 
 
-def classify_settled(stop: str, unit_result: str) -> Reason:
-    """The reason for a run that ended unwatched, given the stop intent its record carried.
+def classify_settled(pending: Pending, unit_result: str) -> Reason:
+    """The reason for a run that ended unwatched, given the operation its record carried.
 
-    A destroy (any mode) whose daemon died mid-stop is `destroyed`: the daemon had asked for
-    it, whatever ended the process. A shutdown only pressed the power button, so a clean end
-    (Result `success`, or the scope already gone) is the guest powering off: `shutdown`. That is
-    not strictly provable (a `kill -9` of QEMU in the same window also leaves a scope ending
-    `success`), but the user asked for the VM to go down, and it did; a Result that proves a
-    crash stays `crashed`, and any other Result (`timeout`: the scope was stopped) is a stop
-    from outside. Without an intent nothing more than `lost` (or a provable crash) is known.
+    A destroy (any mode) or kill whose daemon died before the exit is `destroyed`: the daemon
+    had asked for it, whatever ended the process. A shutdown only pressed the power button, so
+    a clean end (Result `success`, or the scope already gone) is the guest powering off:
+    `shutdown`. That is not strictly provable (a `kill -9` of QEMU in the same window also
+    leaves a scope ending `success`), but the user asked for the VM to go down, and it did; a
+    Result that proves a crash stays `crashed`, and any other Result (`timeout`: the scope was
+    stopped) is a stop from outside. Otherwise (nothing, or a reboot, pending) nothing more
+    than `lost` (or a provable crash) is known.
     """
-    if stop.startswith("destroy"):
+    if pending.op in (PendingOp.DESTROY, PendingOp.KILL):
         return Reason.DESTROYED
-    if stop == "shutdown":
+    if pending.op is PendingOp.SHUTDOWN:
         if unit_result in CRASH_RESULTS:
             return Reason.CRASHED
         if unit_result in ("", "success"):
             return Reason.SHUTDOWN
         return Reason.STOPPED_EXTERNALLY
     return classify_lost(unit_result)
-
-
-def destroy_intent(mode: DestroyMode) -> str:
-    """The stop intent a destroy in `mode` records (store.STOP_INTENTS)."""
-    return "destroy" if mode is DestroyMode.DEFAULT else f"destroy-{mode}"
-
-
-def intent_mode(stop: str) -> DestroyMode | None:
-    """The destroy mode a recorded intent asks for; None if it is no destroy."""
-    if not stop.startswith("destroy"):
-        return None
-    return DestroyMode(stop.removeprefix("destroy-")) if "-" in stop else DestroyMode.DEFAULT

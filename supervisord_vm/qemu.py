@@ -33,7 +33,7 @@ from qemu.qmp import (
 )
 
 from supervisord_vm.definition import Definition, Disk
-from supervisord_vm.errors import QmpDisconnected, QmpError
+from supervisord_vm.errors import QmpDisconnected, QmpError, QmpTimeout
 from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldconfig
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,16 @@ class QmpSession:
     _REFUSED_RETRY_FIRST = 0.005
     _REFUSED_RETRY_MAX = 0.1
 
-    def __init__(self, client: QMPClient, socket_path: Path) -> None:
+    # How long one command may take: QEMU answers in milliseconds unless its main loop is
+    # wedged (SIGSTOP, uninterruptible I/O); then no caller may wait forever.
+    COMMAND_TIMEOUT = 10.0
+
+    def __init__(
+        self, client: QMPClient, socket_path: Path, command_timeout: float = COMMAND_TIMEOUT
+    ) -> None:
         self._client = client
         self._socket_path = socket_path
+        self.command_timeout = command_timeout
         self._closed = asyncio.Event()
         self._disconnect_task: asyncio.Task[None] | None = None
         self._watcher = asyncio.create_task(self._watch(), name=f"qmp-watch:{socket_path}")
@@ -242,6 +249,7 @@ class QmpSession:
         *,
         timeout: float,  # noqa: ASYNC109 - the agreed interface; bounds the whole connect
         on_event: Callable[[QmpEvent], None],
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> QmpSession:
         """Connect and negotiate, waiting up to `timeout` for QEMU to create its socket.
 
@@ -278,7 +286,7 @@ class QmpSession:
             raise QmpError(
                 f"QMP socket {socket_path} not ready within {timeout:g} s{detail}"
             ) from err
-        return cls(client, socket_path)
+        return cls(client, socket_path, command_timeout)
 
     async def _watch(self) -> None:
         """Notice EOF through the client's runstate (qemu.qmp's listeners never end on EOF)."""
@@ -315,7 +323,13 @@ class QmpSession:
         """Run one QMP command and return its `return` value."""
         args: Mapping[str, object] | None = arguments
         try:
-            return await self._client.execute(command, args)
+            async with asyncio.timeout(self.command_timeout):
+                return await self._client.execute(command, args)
+        except TimeoutError:
+            raise QmpTimeout(
+                f"QEMU did not answer {command!r} within {self.command_timeout:g} s "
+                "(is it stopped, or stuck in I/O?)"
+            ) from None
         except ExecuteError as err:
             raise QmpError(
                 f"QMP command {command!r} failed: {err.error_class}: {err.error.error.desc}"

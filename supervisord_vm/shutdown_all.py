@@ -7,13 +7,16 @@ it) is plain core logic that a test or another front end can call.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
-from supervisord_vm.errors import Busy, NotRunning, OperationTimeout, SvmError
+from supervisord_vm.errors import Busy, NotRunning, SvmError
 from supervisord_vm.model import Caller, DestroyMode, MachineInfo, State
 
 if TYPE_CHECKING:
     from supervisord_vm.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 _ACTIVE = (State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING)
 
@@ -53,11 +56,16 @@ async def shutdown_all(
             info = supervisor.get_machine(name)
             wait = timeout if timeout is not None else float(info.stop_timeout)
             try:
-                if info.state == State.PAUSED:
-                    await supervisor.resume(name, caller)
                 try:
+                    if info.state == State.PAUSED:
+                        await supervisor.resume(name, caller)
                     info = await supervisor.shutdown(name, wait, False, caller)
-                except OperationTimeout:
+                except NotRunning:
+                    raise
+                except SvmError as exc:
+                    # Timed out, or cannot be powered off at all (a wedged QEMU, a start or a
+                    # destroy in progress): the host is going down, so the VM is ended.
+                    log.info("shutdown-all: destroying VM %s: %s", name, exc)
                     info = await _destroy(supervisor, name, float(info.stop_timeout), caller)
             except NotRunning:
                 results[name] = "shutdown"

@@ -23,6 +23,7 @@ from supervisord_vm.definition import (
     validate_name,
 )
 from supervisord_vm.errors import InvalidDefinition
+from supervisord_vm.lifecycle import NO_PENDING, Pending
 from supervisord_vm.model import ExitInfo, Reason
 
 log = logging.getLogger(__name__)
@@ -195,14 +196,9 @@ class RuntimeRecord:
     transient: bool
     definition_toml: str  # what it was started with, which may differ from the file now
     started_at: float  # seconds since the epoch
-    # A stop asked for and not yet finished (one of STOP_INTENTS, "" for none), written before
-    # the daemon acts on it, and when: a daemon killed mid-stop lets the next one finish it.
-    stop: str = ""
-    stop_at: float = 0.0
-
-
-# The stops a runtime record can carry: the operation, and for destroy its mode.
-STOP_INTENTS = ("", "shutdown", "destroy", "destroy-graceful", "destroy-force")
+    # The operation in progress (shutdown, destroy and its mode, reboot, kill), written before
+    # the daemon acts on it: a daemon killed meanwhile lets the next one finish or settle it.
+    pending: Pending = NO_PENDING
 
 
 def _record_from_json(data: object) -> RuntimeRecord:
@@ -226,14 +222,23 @@ def _record_from_json(data: object) -> RuntimeRecord:
     assert isinstance(name, str) and isinstance(pid, int) and isinstance(unit, str)
     assert isinstance(transient, bool) and isinstance(toml, str)
     assert isinstance(started_at, int | float)
-    # Optional: records of earlier versions have no stop intent.
-    stop = data.get("stop", "")
-    stop_at = data.get("stop_at", 0.0)
-    if not isinstance(stop, str) or stop not in STOP_INTENTS:
-        raise ValueError("field 'stop' is not a known stop intent")
-    if isinstance(stop_at, bool) or not isinstance(stop_at, int | float):
-        raise ValueError("field 'stop_at' has the wrong type")
-    return RuntimeRecord(name, pid, unit, transient, toml, float(started_at), stop, float(stop_at))
+    # Optional: records of earlier versions carry a stop intent string, or nothing.
+    if "pending" in data:
+        pending = Pending.from_json(data["pending"])
+    else:
+        stop, stop_at = data.get("stop", ""), data.get("stop_at", 0.0)
+        if not isinstance(stop, str):
+            raise ValueError("field 'stop' is not a known stop intent")
+        if isinstance(stop_at, bool) or not isinstance(stop_at, int | float):
+            raise ValueError("field 'stop_at' has the wrong type")
+        pending = Pending.from_stop_intent(stop, float(stop_at))
+    return RuntimeRecord(name, pid, unit, transient, toml, float(started_at), pending)
+
+
+def _record_to_json(record: RuntimeRecord) -> bytes:
+    data = asdict(record)
+    data["pending"] = record.pending.to_json()
+    return json.dumps(data, indent=1).encode("utf-8")
 
 
 class RuntimeStore:
@@ -254,7 +259,7 @@ class RuntimeStore:
     def save(self, record: RuntimeRecord) -> None:
         path = self._record_path(record.name)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(asdict(record), indent=1).encode("utf-8"), 0o600)
+        atomic_write(path, _record_to_json(record), 0o600)
 
     def load_all(self) -> tuple[dict[str, RuntimeRecord], list[str]]:
         """All readable records by name, and one message per torn or corrupt file."""

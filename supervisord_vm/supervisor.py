@@ -13,11 +13,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from supervisord_vm import journal
+from supervisord_vm import journal, qemu_log, reattach
 from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
 from supervisord_vm.errors import (
     InvalidDefinition,
@@ -36,6 +37,7 @@ from supervisord_vm.model import (
     Reason,
     State,
 )
+from supervisord_vm.qemu import QmpSession
 from supervisord_vm.store import (
     DefinitionStore,
     Paths,
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 RECENT_EVENTS = 1000
+# VMs reattached or autostarted at once: each makes a few systemd and QMP calls at a time.
+REATTACH_CONCURRENCY = 16
 
 # One MESSAGE_ID per event type, so `journalctl MESSAGE_ID=...` finds every VM stop (etc.).
 MESSAGE_IDS: dict[EventType, str] = {
@@ -101,6 +105,8 @@ class Supervisor:
         slice: str = "machine.slice",
         restart_limits: RestartPolicyLimits | None = None,
         qmp_connect_timeout: float = 10.0,
+        qmp_command_timeout: float = QmpSession.COMMAND_TIMEOUT,
+        log_limit: int = qemu_log.DEFAULT_LIMIT,
     ) -> None:
         self.paths = paths
         self._systemd = systemd
@@ -117,13 +123,17 @@ class Supervisor:
             on_exit=self._on_exit,
             slice=slice,
             qmp_connect_timeout=qmp_connect_timeout,
+            qmp_command_timeout=qmp_command_timeout,
+            log_limit=log_limit,
         )
+        self._log_bounder = qemu_log.LogBounder(paths.log_dir, log_limit)
         self._machines: dict[str, Machine] = {}
         self._subscribers: list[Callable[[MachineEvent], None]] = []
         self._recent: collections.deque[MachineEvent] = collections.deque(maxlen=RECENT_EVENTS)
         self._restart_history: dict[str, collections.deque[float]] = {}
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._unsubscribe_units: Callable[[], None] | None = None
+        self._definitions_lock = asyncio.Lock()  # definition files change one at a time
         self._broken_on_disk: set[str] = set()  # at start-up: NAME.toml there but unusable
 
     # --- start-up and shutdown of the daemon ----------------------------------------------------
@@ -131,6 +141,7 @@ class Supervisor:
     async def start_up(self) -> None:
         """Load definitions, reattach running VMs, settle ended ones, autostart once per boot."""
         self._unsubscribe_units = self._systemd.subscribe(self._on_unit_event)
+        self._log_bounder.start()
         for directory in (
             self.paths.definitions_dir,
             self.paths.runtime_dir,
@@ -160,33 +171,54 @@ class Supervisor:
         await self._autostart()
 
     async def _reattach(self) -> None:
+        """Adopt or settle every VM a previous daemon left, several at a time.
+
+        Concurrent so that hundreds of VMs, some of them wedged (a QMP connect that waits out
+        its timeout), are reattached within the unit's start timeout; bounded so that the
+        calls in flight to systemd stay far below the bus's per-connection limit.
+        """
         records, errors = self._runtime.load_all()
         for message in errors:
             log.error("%s", message)
         scopes = {status.name: status for status in await self._systemd.list_scopes("svm-*.scope")}
-        for record in records.values():
-            await self._reattach_record(record, scopes.pop(record.unit, None))
+        limit = asyncio.Semaphore(REATTACH_CONCURRENCY)
+
+        async def bounded(job: Coroutine[Any, Any, None]) -> None:
+            async with limit:
+                await job
+
+        jobs = [
+            self._reattach_record(record, scopes.pop(record.unit, None))
+            for record in records.values()
+        ]
         by_unit = {machine.unit: machine for machine in self._machines.values()}
-        for unit, status in scopes.items():
-            machine = by_unit.get(unit)
-            try:
-                pids = await self._systemd.unit_pids(unit) if _is_alive(status) else []
-                if (
-                    machine is not None
-                    and machine.state is State.SHUTOFF
-                    and pids
-                    and await machine.adopt(min(pids), time.time(), machine.definition)
-                ):
-                    continue
-                if machine is not None and machine.state is State.SHUTOFF:
-                    await machine.settle_ended(status)
-                elif machine is None:
-                    log.warning("stopping scope %s: no VM of this daemon owns it", unit)
-                    await self._systemd.stop_unit(unit)
-                    with contextlib.suppress(SvmError):
-                        await self._systemd.reset_failed(unit)
-            except SvmError as err:
-                log.error("cannot settle scope %s: %s", unit, err)
+        jobs += [
+            self._reattach_scope(unit, status, by_unit.get(unit)) for unit, status in scopes.items()
+        ]
+        await asyncio.gather(*(bounded(job) for job in jobs))
+
+    async def _reattach_scope(self, unit: str, status: UnitStatus, machine: Machine | None) -> None:
+        """A scope with no runtime record: adopt its QEMU, settle it, or stop an orphan."""
+        try:
+            pids = await self._systemd.unit_pids(unit) if _is_alive(status) else []
+            if (
+                machine is not None
+                and machine.state is State.SHUTOFF
+                and pids
+                and await reattach.adopt(
+                    machine, min(pids), time.time(), machine.definition, unit=status
+                )
+            ):
+                return
+            if machine is not None and machine.state is State.SHUTOFF:
+                await reattach.settle_ended(machine, status)
+            elif machine is None:
+                log.warning("stopping scope %s: no VM of this daemon owns it", unit)
+                await self._systemd.stop_unit(unit)
+                with contextlib.suppress(SvmError):
+                    await self._systemd.reset_failed(unit)
+        except SvmError as err:
+            log.error("cannot settle scope %s: %s", unit, err)
 
     async def _reattach_record(self, record: RuntimeRecord, status: UnitStatus | None) -> None:
         machine = self._machines.get(record.name)
@@ -227,17 +259,18 @@ class Supervisor:
         pid = min(pids) if starting and pids else record.pid
         try:
             if pid in pids:
-                alive = await machine.adopt(
+                alive = await reattach.adopt(
+                    machine,
                     pid,
                     record.started_at,
                     running_defn or machine.definition,
+                    unit=status,
                     starting=starting,
-                    stop=record.stop,
-                    stop_at=record.stop_at,
+                    pending=record.pending,
                 )
             if not alive:
-                reason = await machine.settle_ended(
-                    status, record.started_at, start_cut=starting, stop=record.stop
+                reason = await reattach.settle_ended(
+                    machine, status, record.started_at, start_cut=starting, pending=record.pending
                 )
                 log.info("VM %s ended while the daemon was not running: %s", record.name, reason)
         except SvmError as err:
@@ -251,12 +284,22 @@ class Supervisor:
             return
         if self._state.autostart_boot_id() == boot_id:
             return
-        for machine in list(self._machines.values()):
-            if machine.definition.autostart and machine.state is State.SHUTOFF:
+        limit = asyncio.Semaphore(REATTACH_CONCURRENCY)
+
+        async def start(machine: Machine) -> None:
+            async with limit:
                 try:
                     await machine.start()
                 except SvmError as err:
                     log.error("autostart of VM %s failed: %s", machine.name, err)
+
+        await asyncio.gather(
+            *(
+                start(machine)
+                for machine in list(self._machines.values())
+                if machine.definition.autostart and machine.state is State.SHUTOFF
+            )
+        )
         # Only once every start was attempted: a daemon killed during autostart leaves the
         # boot unmarked, and the next one starts the rest (the ones already running it
         # reattached, so none starts twice). A start that failed is not retried this boot.
@@ -275,6 +318,7 @@ class Supervisor:
             self._unsubscribe_units = None
         for machine in self._machines.values():
             await machine.detach()
+        await self._log_bounder.close()
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -303,7 +347,9 @@ class Supervisor:
             path = store_log_path(self.paths, name)
         except InvalidDefinition:
             raise NoSuchMachine(f"no VM named {name!r}") from None
-        if name not in self._machines and not path.is_file():
+        if name not in self._machines and not (
+            path.is_file() or qemu_log.rotated_path(path).is_file()
+        ):
             raise NoSuchMachine(f"no VM named {name!r} and no log of one")
         return path
 
@@ -455,8 +501,10 @@ class Supervisor:
     async def define(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
         """Store a definition; an existing VM's new definition takes effect on its next start."""
         defn = parse_definition(toml_text)
-        async with self._audit("define", defn.name, caller):
-            self._definitions.save(defn)
+        async with self._audit("define", defn.name, caller), self._definitions_lock:
+            # fsync on /etc may take long on a busy disk: not on the event loop. The lock keeps
+            # the file and the VM's definition in step when two clients define one name.
+            await asyncio.to_thread(self._definitions.save, defn)
             machine = self._machines.get(defn.name)
             if machine is None:
                 machine = Machine(defn, self._ctx, transient=False)
@@ -470,12 +518,14 @@ class Supervisor:
 
     async def undefine(self, name: str, caller: Caller | None = None) -> None:
         """Remove the definition; a running VM keeps running as a transient one."""
-        async with self._audit("undefine", name, caller):
+        async with self._audit("undefine", name, caller), self._definitions_lock:
             machine = self._get(name)
             if machine.transient:
                 raise InvalidState(f"VM {name} is transient (not defined); destroy it instead")
             self._cancel_restart(name)
-            self._definitions.remove(name)
+            await asyncio.to_thread(self._definitions.remove, name)
+            if self._machines.get(name) is not machine:
+                return  # forgotten meanwhile (a transient run ended): nothing more to do
             machine.emit(EventType.UNDEFINED)
             if machine.state is State.SHUTOFF:
                 del self._machines[name]

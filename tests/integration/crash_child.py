@@ -42,6 +42,7 @@ POINTS: dict[str, tuple[Any, str, str]] = {
     "qmp_connect": (QmpSession, "connect", ""),
     "cont": (QmpSession, "execute", "cont"),
     "powerdown": (QmpSession, "execute", "system_powerdown"),
+    "set_action": (QmpSession, "execute", "set-action"),
     "rename": (Path, "replace", ""),  # atomic_write's rename
     "fsync": (os, "fsync", ""),  # atomic_write's fsync of the temp file, before the rename
     "unlink": (store, "_remove", ""),  # a definition's or runtime record's removal
@@ -122,6 +123,11 @@ async def operate(supervisor: Supervisor, op: str, arg: str) -> None:
         await supervisor.destroy(arg)
     elif op == "destroy-graceful":
         await supervisor.destroy(arg, DestroyMode.GRACEFUL)
+    elif op == "reboot":
+        await supervisor.reboot(arg)
+    elif op == "kill-pipe":  # a signal QEMU ignores: pending until the stop timeout passes
+        await supervisor.kill(arg, signal.SIGPIPE)
+        await asyncio.sleep(3600)
     elif op == "shutdown":
         await supervisor.shutdown(arg, timeout=20)
     elif op == "crash":  # QEMU dies under the daemon; the daemon settles the exit

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisord_vm import machine as machine_module
+from supervisord_vm import run as run_module
 from supervisord_vm.model import EventType, MachineEvent, Reason
 from supervisord_vm.store import Paths
 from supervisord_vm.supervisor import RestartPolicyLimits, Supervisor
@@ -71,8 +71,20 @@ class Env:
     def supervisor(self) -> Supervisor:
         return self.supervisors[-1]
 
-    async def new_supervisor(self, limits: RestartPolicyLimits | None = None) -> Supervisor:
-        supervisor = Supervisor(self.paths, self.systemd, restart_limits=limits)
+    async def new_supervisor(
+        self,
+        limits: RestartPolicyLimits | None = None,
+        *,
+        qmp_connect_timeout: float = 10.0,
+        qmp_command_timeout: float = 10.0,
+    ) -> Supervisor:
+        supervisor = Supervisor(
+            self.paths,
+            self.systemd,
+            restart_limits=limits,
+            qmp_connect_timeout=qmp_connect_timeout,
+            qmp_command_timeout=qmp_command_timeout,
+        )
         supervisor.subscribe(self.events)
         await supervisor.start_up()
         self.supervisors.append(supervisor)
@@ -222,7 +234,7 @@ async def _collect_and_clean(env: Env) -> list[str]:
     for supervisor in env.supervisors:
         await supervisor.close()
     # Reap our QEMU children first (a ptrace-held zombie keeps its scope loaded until then).
-    reapers = list(machine_module._reapers)
+    reapers = list(run_module._reapers)
     if reapers:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):

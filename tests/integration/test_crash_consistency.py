@@ -110,7 +110,7 @@ def qemu_processes() -> tuple[dict[str, list[int]], list[int]]:
 
 async def cpu_status(supervisor: Supervisor, name: str) -> str:
     """QEMU's run state through the daemon's own QMP connection (the monitor takes one)."""
-    run = supervisor.machine(name)._run
+    run = supervisor.machine(name).run
     if run is None or run.qmp is None or run.qmp.closed:
         return "no QMP connection"
     reply = await run.qmp.execute("query-status")

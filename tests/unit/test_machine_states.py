@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from supervisord_vm import lifecycle
 from supervisord_vm.errors import AlreadyRunning, InvalidState, NotRunning
 from supervisord_vm.lifecycle import (
     ALLOWED,
+    NO_PENDING,
     TRANSITIONS,
     ExitFacts,
     Operation,
+    Pending,
     check_operation,
     check_transition,
     classify_exit,
     classify_lost,
     classify_settled,
-    destroy_intent,
-    intent_mode,
 )
 from supervisord_vm.model import DestroyMode, Reason, State
-from supervisord_vm.store import STOP_INTENTS
 from supervisord_vm.supervisor import MESSAGE_IDS, RESTART_AFTER
+
+SHUTDOWN = lifecycle.shutdown(1.0)
+DESTROY = lifecycle.destroy(DestroyMode.DEFAULT, 1.0)
 
 
 def test_every_state_has_a_row_and_every_operation_a_rule() -> None:
@@ -91,7 +96,7 @@ def test_everything_but_start_refuses_shutoff_as_not_running(operation: Operatio
     [
         (Operation.PAUSE, State.PAUSED),
         (Operation.RESUME, State.RUNNING),
-        (Operation.SHUTDOWN, State.STOPPING),
+        (Operation.SHUTDOWN, State.PAUSED),
         (Operation.REBOOT, State.PAUSED),
         (Operation.KILL, State.STARTING),
     ],
@@ -113,10 +118,10 @@ def test_destroy_allowed_in_every_running_state() -> None:
 @pytest.mark.parametrize(
     ("facts", "reason"),
     [
-        (ExitFacts(start_failed=True, destroy_requested=True), Reason.FAILED),
-        (ExitFacts(destroy_requested=True, shutdown_guest=True), Reason.DESTROYED),
+        (ExitFacts(start_failed=True, pending=DESTROY), Reason.FAILED),
+        (ExitFacts(pending=DESTROY, shutdown_guest=True), Reason.DESTROYED),
         (
-            ExitFacts(destroy_requested=True, shutdown_guest=False, shutdown_reason="host-signal"),
+            ExitFacts(pending=DESTROY, shutdown_guest=False, shutdown_reason="host-signal"),
             Reason.DESTROYED,
         ),
         (ExitFacts(shutdown_guest=True, shutdown_reason="guest-shutdown"), Reason.SHUTDOWN),
@@ -125,9 +130,7 @@ def test_destroy_allowed_in_every_running_state() -> None:
             Reason.STOPPED_EXTERNALLY,
         ),
         (
-            ExitFacts(
-                our_sigterm_pending=True, shutdown_guest=False, shutdown_reason="host-signal"
-            ),
+            ExitFacts(sigterm_sent=True, shutdown_guest=False, shutdown_reason="host-signal"),
             Reason.DESTROYED,
         ),
         (ExitFacts(external_stop=True, unit_result="timeout"), Reason.STOPPED_EXTERNALLY),
@@ -158,43 +161,130 @@ def test_classify_lost(result: str, reason: Reason) -> None:
 
 
 @pytest.mark.parametrize(
-    ("stop", "result", "reason"),
+    ("pending", "result", "reason"),
     [
-        ("destroy", "", Reason.DESTROYED),
-        ("destroy", "timeout", Reason.DESTROYED),
-        ("destroy-graceful", "success", Reason.DESTROYED),
-        ("destroy-force", "signal", Reason.DESTROYED),
-        ("shutdown", "", Reason.SHUTDOWN),
-        ("shutdown", "success", Reason.SHUTDOWN),
-        ("shutdown", "oom-kill", Reason.CRASHED),
-        ("shutdown", "timeout", Reason.STOPPED_EXTERNALLY),
-        ("", "", Reason.LOST),
-        ("", "oom-kill", Reason.CRASHED),
+        (DESTROY, "", Reason.DESTROYED),
+        (DESTROY, "timeout", Reason.DESTROYED),
+        (lifecycle.destroy(DestroyMode.GRACEFUL, 1.0), "success", Reason.DESTROYED),
+        (lifecycle.destroy(DestroyMode.FORCE, 1.0), "signal", Reason.DESTROYED),
+        (lifecycle.kill(9, 1.0), "success", Reason.DESTROYED),
+        (SHUTDOWN, "", Reason.SHUTDOWN),
+        (SHUTDOWN, "success", Reason.SHUTDOWN),
+        (SHUTDOWN, "oom-kill", Reason.CRASHED),
+        (SHUTDOWN, "timeout", Reason.STOPPED_EXTERNALLY),
+        (lifecycle.reboot(1.0), "success", Reason.LOST),
+        (NO_PENDING, "", Reason.LOST),
+        (NO_PENDING, "oom-kill", Reason.CRASHED),
     ],
 )
-def test_classify_settled_uses_the_stop_intent(stop: str, result: str, reason: Reason) -> None:
-    assert classify_settled(stop, result) is reason
-
-
-def test_destroy_intents_round_trip_and_are_storable() -> None:
-    for mode in DestroyMode:
-        assert destroy_intent(mode) in STOP_INTENTS
-        assert intent_mode(destroy_intent(mode)) is mode
-    assert intent_mode("shutdown") is None
-    assert intent_mode("") is None
+def test_classify_settled_uses_the_pending_operation(
+    pending: Pending, result: str, reason: Reason
+) -> None:
+    assert classify_settled(pending, result) is reason
 
 
 def test_adopted_shutdown_without_its_event_is_classified_from_the_result() -> None:
-    assert classify_exit(ExitFacts(shutdown_unseen=True)) is Reason.SHUTDOWN
-    assert classify_exit(ExitFacts(shutdown_unseen=True, unit_result="oom-kill")) is (
-        Reason.CRASHED
-    )
-    assert classify_exit(ExitFacts(shutdown_unseen=True, external_stop=True)) is (
-        Reason.STOPPED_EXTERNALLY
-    )
+    missed = ExitFacts(pending=SHUTDOWN, events_missed=True)
+    assert classify_exit(missed) is Reason.SHUTDOWN
+    assert classify_exit(replace(missed, unit_result="oom-kill")) is Reason.CRASHED
+    assert classify_exit(replace(missed, external_stop=True)) is Reason.STOPPED_EXTERNALLY
     # the event, when it did come, decides
-    facts = ExitFacts(shutdown_unseen=True, shutdown_guest=False, shutdown_reason="host-signal")
+    facts = replace(missed, shutdown_guest=False, shutdown_reason="host-signal")
     assert classify_exit(facts) is Reason.STOPPED_EXTERNALLY
+
+
+@pytest.mark.parametrize(
+    ("facts", "reason"),
+    [
+        # the signal ended QEMU: its own exit signal, or QEMU's host-signal shutdown
+        (ExitFacts(pending=lifecycle.kill(9, 1.0), exit_signal=9), Reason.DESTROYED),
+        (
+            ExitFacts(
+                pending=lifecycle.kill(15, 1.0),
+                shutdown_guest=False,
+                shutdown_reason="host-signal",
+                exit_status=0,
+            ),
+            Reason.DESTROYED,
+        ),
+        # a reattached QEMU (no exit status) that ended with no event: the kill did it
+        (ExitFacts(pending=lifecycle.kill(9, 1.0)), Reason.DESTROYED),
+        # QEMU survived the signal and the guest powered off later
+        (
+            ExitFacts(
+                pending=lifecycle.kill(10, 1.0),
+                shutdown_guest=True,
+                shutdown_reason="guest-shutdown",
+                exit_status=0,
+            ),
+            Reason.SHUTDOWN,
+        ),
+        # another signal, or an error exit, is not the kill's doing
+        (ExitFacts(pending=lifecycle.kill(10, 1.0), exit_signal=11), Reason.CRASHED),
+        (ExitFacts(pending=lifecycle.kill(10, 1.0), exit_status=1), Reason.CRASHED),
+        (
+            ExitFacts(
+                pending=lifecycle.kill(10, 1.0),
+                shutdown_guest=False,
+                shutdown_reason="host-signal",
+                exit_status=0,
+            ),
+            Reason.STOPPED_EXTERNALLY,
+        ),
+    ],
+)
+def test_a_kill_covers_only_the_exit_it_caused(facts: ExitFacts, reason: Reason) -> None:
+    assert classify_exit(facts) is reason
+
+
+def test_destroys_are_only_escalated_never_weakened() -> None:
+    graceful = lifecycle.destroy(DestroyMode.GRACEFUL, 1.0)
+    default = lifecycle.destroy(DestroyMode.DEFAULT, 2.0)
+    force = lifecycle.destroy(DestroyMode.FORCE, 3.0)
+    assert graceful.begin(default) == default
+    assert default.begin(force) == force
+    assert default.begin(graceful) == default
+    assert force.begin(default) == force
+    # a graceful destroy's Busy ends only itself, never the stronger destroy in flight
+    assert default.end(graceful) == default
+    assert graceful.end(graceful) == NO_PENDING
+
+
+def test_pending_operations_replace_join_or_refuse() -> None:
+    reboot = lifecycle.reboot(1.0)
+    kill = lifecycle.kill(10, 2.0)
+    assert NO_PENDING.begin(SHUTDOWN) == SHUTDOWN
+    assert SHUTDOWN.begin(lifecycle.shutdown(9.0)) == SHUTDOWN  # joins
+    assert reboot.begin(SHUTDOWN) == SHUTDOWN  # a shutdown cancels the reboot
+    assert reboot.begin(DESTROY) == DESTROY
+    assert SHUTDOWN.begin(DESTROY) == DESTROY
+    assert SHUTDOWN.begin(kill) == SHUTDOWN  # the stop in progress explains the exit
+    assert DESTROY.begin(kill) == DESTROY
+    assert NO_PENDING.begin(kill) == kill
+    assert kill.begin(reboot) == reboot
+    with pytest.raises(InvalidState):
+        DESTROY.begin(SHUTDOWN)
+    with pytest.raises(InvalidState):
+        SHUTDOWN.begin(reboot)
+    with pytest.raises(InvalidState):
+        DESTROY.begin(reboot)
+
+
+def test_pending_operation_json_round_trip_and_old_stop_intents() -> None:
+    for pending in (
+        NO_PENDING,
+        SHUTDOWN,
+        DESTROY,
+        lifecycle.kill(34, 5.0),
+        replace(lifecycle.reboot(1.0), guest_off=True),
+    ):
+        assert Pending.from_json(pending.to_json()) == pending
+    assert Pending.from_stop_intent("destroy-force", 2.0) == lifecycle.destroy(
+        DestroyMode.FORCE, 2.0
+    )
+    assert Pending.from_stop_intent("", 0.0) == NO_PENDING
+    with pytest.raises(ValueError, match="stop"):
+        Pending.from_stop_intent("reboot", 0.0)
 
 
 def test_restart_policies() -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from supervisord_vm import lifecycle
 from supervisord_vm.definition import Definition, Disk, definition_to_toml
 from supervisord_vm.errors import InvalidDefinition
-from supervisord_vm.model import ExitInfo, Reason
+from supervisord_vm.model import DestroyMode, ExitInfo, Reason
 from supervisord_vm.store import (
     DefinitionStore,
     Paths,
@@ -262,22 +263,62 @@ def test_runtime_store_tolerates_torn_and_corrupt_records(tmp_path: Path) -> Non
     assert any("'unit' is missing" in error for error in errors)
 
 
-def test_runtime_store_stop_intent_round_trip_and_old_records(tmp_path: Path) -> None:
+def test_runtime_store_pending_operation_round_trip(tmp_path: Path) -> None:
     store = RuntimeStore(tmp_path)
-    stopping = dataclasses.replace(record("a"), stop="destroy-graceful", stop_at=1700000001.5)
-    store.save(stopping)
-    assert store.load_all() == ({"a": stopping}, [])
-    # A record written before stop intents existed loads as one without an intent.
+    cases = [
+        lifecycle.destroy(DestroyMode.GRACEFUL, 1700000001.5),
+        lifecycle.shutdown(1.0),
+        dataclasses.replace(lifecycle.reboot(2.0), guest_off=True),
+        lifecycle.kill(10, 3.0),
+    ]
+    for pending in cases:
+        record_with = dataclasses.replace(record("a"), pending=pending)
+        store.save(record_with)
+        assert store.load_all() == ({"a": record_with}, [])
+
+
+def test_runtime_store_reads_older_records(tmp_path: Path) -> None:
+    """Records without a pending operation, or with an earlier version's stop intent, load."""
+    store = RuntimeStore(tmp_path)
+    store.save(record("a"))
     old = json.loads((tmp_path / "a.json").read_text())
-    del old["stop"], old["stop_at"]
+    del old["pending"]
     (tmp_path / "a.json").write_text(json.dumps(old))
     assert store.load_all() == ({"a": record("a")}, [])
+    (tmp_path / "a.json").write_text(
+        json.dumps({**old, "stop": "destroy-graceful", "stop_at": 5.0})
+    )
+    pending = lifecycle.destroy(DestroyMode.GRACEFUL, 5.0)
+    assert store.load_all() == ({"a": dataclasses.replace(record("a"), pending=pending)}, [])
     for stop, stop_at in (("reboot", 1.0), (1, 1.0), ("destroy", "soon"), ("destroy", True)):
         bad = {**old, "stop": stop, "stop_at": stop_at}
         (tmp_path / "a.json").write_text(json.dumps(bad))
         records, errors = store.load_all()
         assert records == {}
         assert len(errors) == 1 and "'stop" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "pending",
+    [
+        "destroy",
+        {"op": "explode"},
+        {"op": "destroy", "mode": ""},
+        {"op": "shutdown", "mode": "force"},
+        {"op": "kill", "signal": "TERM"},
+        {"op": "kill", "signal": 999},
+        {"op": "reboot", "since": "now"},
+        {"op": "reboot", "guest_off": 1},
+    ],
+)
+def test_runtime_store_refuses_a_bad_pending_operation(tmp_path: Path, pending: object) -> None:
+    store = RuntimeStore(tmp_path)
+    store.save(record("a"))
+    data = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps({**data, "pending": pending}))
+    records, errors = store.load_all()
+    assert records == {}
+    assert len(errors) == 1 and "'pending" in errors[0], errors
 
 
 def test_runtime_store_failed_save_leaves_no_temp(tmp_path: Path) -> None:
