@@ -22,17 +22,20 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Awaitable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import ClassVar, TextIO, TypeVar
 
 import sdnotify
 from sdbus import SdBus, sd_bus_open_system
-from sdbus.sd_bus_internals import SdBusMessage, SdBusRequestNameError
+from sdbus.sd_bus_internals import SdBusBaseError, SdBusMessage, SdBusRequestNameError
 
 from supervisord_vm.bus import BUS_NAME, BusService
+from supervisord_vm.errors import SystemdError
 from supervisord_vm.model import Caller
 from supervisord_vm.store import Paths
 from supervisord_vm.supervisor import Supervisor
@@ -45,11 +48,20 @@ LOCK_NAME = "supervisord-vm.lock"
 EXIT_ALREADY_RUNNING = 3  # an LSB "not running"-style code; Restart=on-failure would retry
 EXIT_CONNECTION_LOST = 75  # EX_TEMPFAIL: restart me (Restart=on-failure) and I reattach
 LOST_EXIT_DEADLINE = 10.0  # seconds the clean exit path may take after a lost connection
+# Seconds start-up waits for the bus and systemd before it exits to be restarted. Short on
+# purpose: when dbus.service hits its own start limit, systemd 252 fails dbus.socket too
+# ('service-start-limit-hit') and only a new start job of this unit (Requires=dbus.socket)
+# makes it listen again.
+CONNECT_PATIENCE = 10.0
 _LOCAL_IFACE = "org.freedesktop.DBus.Local"
 
 
 class AlreadyRunning(Exception):
     """Another supervisord-vm holds the lock or the bus name."""
+
+
+class ConnectError(Exception):
+    """The system bus or systemd could not be reached within CONNECT_PATIENCE at start-up."""
 
 
 class ConnectionLost(Exception):
@@ -112,6 +124,12 @@ def log_resource_counts() -> None:
     (tests/integration/test_load.py) can prove from outside that nothing leaks."""
     fds = sum(1 for _ in Path("/proc/self/fd").iterdir()) - 1  # minus the one listing them
     log.info("resources: %d asyncio tasks, %d open fds", len(asyncio.all_tasks()), fds)
+
+
+def _readable(exc: Exception) -> str:
+    """sd-bus's "... returned error number: 111" as the errno's words."""
+    found = re.search(r"error number: -?(\d+)", str(exc))
+    return os.strerror(int(found.group(1))) if found else str(exc)
 
 
 class Daemon:
@@ -188,6 +206,30 @@ class Daemon:
             raise ConnectionLost("stopped during start-up")  # SIGTERM while starting
         return work.result()
 
+    async def wait_for(self, connect: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Connect, retrying for a while: right after `systemctl restart dbus` the bus (or
+        systemd's name on it) may not be back yet, and a start that fails at once would spend
+        the unit's start limit (StartLimitBurst) on every retry until it stays failed."""
+        deadline = time.monotonic() + CONNECT_PATIENCE
+        delay = 0.25
+        attempts = 0
+        while True:
+            try:
+                return await connect()
+            except (SdBusBaseError, SystemdError) as exc:
+                attempts += 1
+                problem = _readable(exc)
+                if time.monotonic() + delay > deadline:
+                    raise ConnectError(
+                        f"cannot connect to {what} ({problem}; tried {attempts} times in "
+                        f"{CONNECT_PATIENCE:.0f} s)"
+                    ) from None
+                self.notifier.status(f"waiting for {what}")
+                if attempts == 1:
+                    log.warning("cannot connect to %s yet (%s); retrying", what, problem)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def _watch_bus(self, bus: SdBus) -> None:
         """sd-bus's local Disconnected signal on the daemon's own connection means the bus
         daemon went away (or dropped us): the name and every exported object are gone."""
@@ -256,7 +298,7 @@ class Daemon:
 
         self.notifier.status("reattaching to running VMs")
         await self._watch_bus(bus)
-        systemd = await self._unless_lost(Systemd.connect())
+        systemd = await self._unless_lost(self.wait_for(Systemd.connect, "systemd on the bus"))
         self.systemd = systemd
         self._spawn(self._watch_systemd(systemd))
         supervisor = Supervisor(self.paths, systemd, slice=self.slice_name)
@@ -352,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             daemon = Daemon(paths, args.slice)
 
             async def run() -> None:
-                bus = sd_bus_open_system()
+                async def open_bus() -> SdBus:
+                    return sd_bus_open_system()
+
+                bus = await daemon.wait_for(open_bus, "the system bus")
                 try:
                     await daemon.run(bus)
                 finally:
@@ -364,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"supervisord-vm: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    except ConnectError as exc:
+        print(f"supervisord-vm: {exc}", file=sys.stderr)
+        return EXIT_CONNECTION_LOST
     except PermissionError as exc:
         print(f"supervisord-vm: {exc} (the daemon must run as root)", file=sys.stderr)
         return 1

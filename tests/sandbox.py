@@ -347,6 +347,39 @@ def inside_env() -> dict[str, str]:
     return env
 
 
+INSIDE_STATUS = "/run/svm-sandbox-status"
+
+
+def run_inside(sandbox: Sandbox, argv: Sequence[str]) -> int:
+    """Run ARGV as a service inside and return its exit status.
+
+    `systemd-run --wait` exits 0 when its own bus connection dies (systemd 252; a test that
+    restarts dbus.service does that), while the command runs on: the command's status goes to
+    a file inside, and a lost `systemd-run` waits for that file instead of trusting its code.
+    """
+    script = f'rm -f {INSIDE_STATUS}; "$@"; echo $? > {INSIDE_STATUS}'
+    wrapped = ["/bin/sh", "-c", script, "sh", *argv]
+    result = subprocess.run(sandbox.service_command(wrapped, inside_env()), check=False)
+    while True:
+        read = subprocess.run(
+            sandbox.command(["cat", INSIDE_STATUS]), capture_output=True, text=True, check=False
+        )
+        if read.returncode == 0 and read.stdout.strip():
+            return int(read.stdout.strip())
+        if result.returncode != 0:
+            return result.returncode  # the command never ran, or systemd-run failed to start it
+        units = subprocess.run(
+            sandbox.command(["systemctl", "list-units", "--plain", "--no-legend", "run-u*"]),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if units.returncode == 0 and not units.stdout.strip():
+            print("sandbox: the command's unit ended without an exit status", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
 def run(argv: Sequence[str], keep: bool) -> int:
     sentinel = Path("/tmp") / f"{SENTINEL_NAME}-{os.getpid()}"
     sentinel.write_text("sandbox teardown checks this file survives\n")
@@ -357,8 +390,7 @@ def run(argv: Sequence[str], keep: bool) -> int:
     try:
         with signals_raise():
             sandbox = boot()
-            result = subprocess.run(sandbox.service_command(argv, inside_env()), check=False)
-            status = result.returncode
+            status = run_inside(sandbox, argv)
     except KeyboardInterrupt as interrupt:
         print(f"sandbox: interrupted ({interrupt}); tearing down", file=sys.stderr)
         status = 130
