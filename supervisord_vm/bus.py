@@ -10,6 +10,7 @@ supervisord-vm) and audits it in the journal; reading is open to everyone.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import logging
 import pwd
@@ -124,6 +125,12 @@ class FailedError(DbusFailedError):
     dbus_error_name = ERROR_PREFIX + "Failed"
 
 
+class NoSpaceError(DbusFailedError):
+    """The daemon's files could not be written: the file system (or quota) is full."""
+
+    dbus_error_name = ERROR_PREFIX + "NoSpace"
+
+
 # Most specific first: the first isinstance match wins (QmpDisconnected is a QmpError, ...).
 _ERROR_MAP: tuple[tuple[type[Exception], type[DbusFailedError]], ...] = (
     (errors.NoSuchMachine, NoSuchMachineError),
@@ -149,6 +156,9 @@ def to_bus_error(exc: BaseException) -> DbusFailedError:
             return bus_type(str(exc) or core_type.__name__)
     if isinstance(exc, errors.SvmError):
         return FailedError(str(exc) or type(exc).__name__)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
+        return NoSpaceError(f"{where}: {exc.strerror}; nothing was changed")
     if isinstance(exc, OSError):
         return FailedError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
     log.error("internal error in a D-Bus call", exc_info=exc)

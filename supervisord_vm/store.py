@@ -73,9 +73,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         finally:
             os.close(fd)
         temp.replace(path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            # os.write/fsync name no file: say which one could not be written (ENOSPC, EDQUOT).
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_directory(path.parent)
 

@@ -10,6 +10,8 @@ the daemon took to answer again.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -23,7 +25,10 @@ import pytest
 from tests.integration.test_service import (
     ACPI_IMAGE,
     DEAF_IMAGE,
+    DEFS,
     define,
+    definition,
+    gdbus,
     main_pid,
     scope_active,
     service,
@@ -314,3 +319,53 @@ def test_systemd_reexec_or_reload_during_start_and_destroy(
     info = agrees_with_systemd(doomed)
     assert info["state"] == "shutoff" and info["reason"] == "destroyed", info
     no_failed_units()
+
+
+# --- the definitions directory full -------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_definitions_dir(service: None) -> Iterator[Path]:
+    """A 64 KiB tmpfs over the definitions directory, with the files it had.
+
+    Mounted in the container's namespace before the service restarts: ProtectSystem=full with
+    ReadWritePaths= builds the service's own mount namespace at start, from what is mounted
+    then, so a mount made later would not be seen by the running daemon.
+    """
+    saved = {path.name: path.read_bytes() for path in DEFS.iterdir() if path.is_file()}
+    sh("mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(DEFS), check=True)
+    try:
+        for name, data in saved.items():
+            (DEFS / name).write_bytes(data)
+        sh("systemctl", "restart", "supervisord-vm.service", check=True)
+        yield DEFS
+    finally:
+        sh("umount", str(DEFS))
+        sh("systemctl", "restart", "supervisord-vm.service")
+
+
+def test_define_into_a_full_directory_says_so_and_changes_nothing(
+    tiny_definitions_dir: Path, tmp_path: Path
+) -> None:
+    define("if_full", ACPI_IMAGE)
+    old = (tiny_definitions_dir / "if_full.toml").read_bytes()
+    filler = tiny_definitions_dir / "filler"
+    with filler.open("wb") as sink, contextlib.suppress(OSError):
+        sink.write(b"\0" * 1024 * 1024)  # ENOSPC once the tmpfs is full
+    before = sorted(path.name for path in tiny_definitions_dir.iterdir())
+    daemon, listed = main_pid(), svm("--json", "list", "--all").stdout
+    new_vm, changed = tmp_path / "if_new.toml", tmp_path / "if_full.toml"
+    new_vm.write_text(definition("if_new", ACPI_IMAGE))
+    changed.write_text(definition("if_full", ACPI_IMAGE, stop_timeout=9))
+    for path in (new_vm, changed):
+        result = svm("define", str(path))
+        assert result.returncode == 1
+        assert "No space left on device; nothing was changed" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    raw = gdbus("Define", json.dumps(new_vm.read_text()))
+    assert "org.supervisordvm1.Error.NoSpace" in raw.stderr, raw.stderr
+    assert (tiny_definitions_dir / "if_full.toml").read_bytes() == old
+    assert sorted(path.name for path in tiny_definitions_dir.iterdir()) == before  # no temp file
+    assert main_pid() == daemon and svm("--json", "list", "--all").stdout == listed
+    filler.unlink()
+    assert svm("undefine", "if_full").returncode == 0
