@@ -625,6 +625,10 @@ def test_hostile_calls_get_documented_answers_and_leave_nothing_behind(
         f"{c.interface.rsplit('.', 1)[1]}.{c.member}" for c in root if c.outcome == "ok"
     )
     print(f"  root's successful calls: {dict(sorted(succeeded.items()))}")
+    rare = ("QmpError", "SystemdError", "Busy")
+    for call in everyone:
+        if call.outcome.endswith(rare):
+            print(f"  rare answer: {call.describe()}")
     for who, counter in counts.items():
         print(f"  {who}: {sum(counter.values())} calls")
         for outcome, number in counter.most_common():
