@@ -343,15 +343,7 @@ class _Service:
     def tail_log(self, name: str, lines: int) -> str:
         """The end of VM ``name``'s QEMU log. Blocking (a stat and a read of up to
         LOG_TAIL_LIMIT bytes): call it in a worker thread, never on the event loop."""
-        path = self.supervisor.log_path(name)  # NoSuchMachine: neither a VM nor a log
-        try:
-            with path.open("rb") as stream:
-                stream.seek(0, 2)
-                size = stream.tell()
-                stream.seek(max(0, size - LOG_TAIL_LIMIT))
-                data = stream.read()
-        except FileNotFoundError:
-            return ""
+        data = self.supervisor.read_log(name, LOG_TAIL_LIMIT)  # NoSuchMachine: neither
         text = data.decode("utf-8", "replace")
         if lines:
             text = "".join(text.splitlines(keepends=True)[-lines:])

@@ -34,6 +34,7 @@ import sdnotify
 from sdbus import SdBus, sd_bus_open_system
 from sdbus.sd_bus_internals import SdBusBaseError, SdBusMessage, SdBusRequestNameError
 
+from supervisord_vm import qemu_log
 from supervisord_vm.bus import BUS_NAME, BusService
 from supervisord_vm.errors import SystemdError
 from supervisord_vm.model import Caller
@@ -135,9 +136,12 @@ def _readable(exc: Exception) -> str:
 class Daemon:
     """One running daemon: supervisor + bus service + systemd notification."""
 
-    def __init__(self, paths: Paths, slice_name: str) -> None:
+    def __init__(
+        self, paths: Paths, slice_name: str, log_limit: int = qemu_log.DEFAULT_LIMIT
+    ) -> None:
         self.paths = paths
         self.slice_name = slice_name
+        self.log_limit = log_limit
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -301,7 +305,9 @@ class Daemon:
         systemd = await self._unless_lost(self.wait_for(Systemd.connect, "systemd on the bus"))
         self.systemd = systemd
         self._spawn(self._watch_systemd(systemd))
-        supervisor = Supervisor(self.paths, systemd, slice=self.slice_name)
+        supervisor = Supervisor(
+            self.paths, systemd, slice=self.slice_name, log_limit=self.log_limit
+        )
         self.supervisor = supervisor
         service = BusService(bus, supervisor, self.reload)
         try:
@@ -360,6 +366,13 @@ def _setup_logging(level: str, stream: TextIO) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+def _log_size(text: str) -> int:
+    size = int(text)
+    if not 4096 <= size <= 1 << 30:
+        raise argparse.ArgumentTypeError("must be from 4096 to 1073741824 bytes")
+    return size
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = Paths()
     parser = argparse.ArgumentParser(
@@ -372,6 +385,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime-dir", type=Path, default=defaults.runtime_dir)
     parser.add_argument("--log-dir", type=Path, default=defaults.log_dir)
     parser.add_argument("--slice", default="machine.slice", help="slice for the VM scopes")
+    parser.add_argument(
+        "--log-max-size",
+        type=_log_size,
+        default=qemu_log.DEFAULT_LIMIT,
+        metavar="BYTES",
+        help="largest QEMU log kept per VM before it is rotated to NAME.log.1 "
+        f"(default {qemu_log.DEFAULT_LIMIT})",
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("SVM_LOG_LEVEL", "info"),
@@ -391,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with single_instance(paths.runtime_dir):
-            daemon = Daemon(paths, args.slice)
+            daemon = Daemon(paths, args.slice, args.log_max_size)
 
             async def run() -> None:
                 async def open_bus() -> SdBus:

@@ -13,18 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
-import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISDIR, S_ISREG
 from typing import NoReturn
 
-from supervisord_vm import lifecycle, qemu_log
+from supervisord_vm import launch, lifecycle, qemu_log
 from supervisord_vm.definition import Definition, definition_to_toml
 from supervisord_vm.errors import (
     Busy,
@@ -55,24 +52,16 @@ from supervisord_vm.model import (
     Reason,
     State,
 )
-from supervisord_vm.qemu import QmpEvent, QmpSession, build_argv
-from supervisord_vm.run import Run
+from supervisord_vm.qemu import QmpEvent, QmpSession
+from supervisord_vm.run import Run, process_ended
 from supervisord_vm.store import Paths, RuntimeRecord, RuntimeStore, StateStore, log_path
 from supervisord_vm.systemd import (
-    ScopeProperties,
     Systemd,
     UnitEvent,
     scope_name,
-    spawn_in_scope,
 )
 
 log = logging.getLogger(__name__)
-
-
-# Environment variables a service manager hands to the daemon that QEMU must never see.
-PRIVATE_ENVIRONMENT = frozenset(
-    {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"}
-)
 
 
 @dataclass
@@ -194,8 +183,18 @@ class Machine:
 
     def _qmp(self, run: Run) -> QmpSession:
         if run.qmp is None or run.qmp.closed:
+            if run.exited.is_set() or (run.qmp is not None and process_ended(run.pid)):
+                raise NotRunning(f"VM {self.name} has just stopped")
             raise QmpError(f"no QMP connection to VM {self.name}")
         return run.qmp
+
+    async def _command(self, run: Run, command: str) -> None:
+        """One QMP command for an operation; a QEMU exiting under it is NotRunning."""
+        try:
+            await self._qmp(run).execute(command)
+        except QmpDisconnected:
+            await run.settled_within(self.ctx.settle_timeout)
+            raise NotRunning(f"VM {self.name} stopped during {command!r}") from None
 
     # --- the runtime record and the pending operation -----------------------------------------
 
@@ -248,10 +247,10 @@ class Machine:
 
     async def _start_locked(self) -> None:
         defn = self.definition
-        # stat() of a disk on a dead NFS server may block: not on the event loop.
-        problem = await asyncio.to_thread(_check_files, defn)
-        if problem is not None:
-            await self._fail_without_run(f"cannot start VM {self.name}: {problem}")
+        try:
+            await launch.check_files(defn)
+        except launch.LaunchFailed as err:
+            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
         self._running_definition = defn
         try:
             # The intent comes first, before anything is announced or spawned: a daemon killed
@@ -269,55 +268,26 @@ class Machine:
             )
         except OSError as err:
             await self._fail_without_run(
-                f"cannot start VM {self.name}: cannot write its runtime record: {_os_error(err)}"
+                f"cannot start VM {self.name}: cannot write its runtime record: "
+                f"{launch.os_error(err)}"
             )
         self.reason = Reason.NONE
         self.set_state(State.STARTING, EventType.STARTING)
-        runtime = self.ctx.runtime
-        socket_path = runtime.qmp_socket(self.name)
-        log_file = log_path(self.ctx.paths, self.name)
-        log_created = False  # by this start: removed again if QEMU never runs
+        socket_path = self.ctx.runtime.qmp_socket(self.name)
         try:
             await self.clear_scope()
-            socket_path.unlink(missing_ok=True)
-            log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            log_fd, log_created = qemu_log.open_log(log_file, self.ctx.log_limit)
-            try:
-                log_offset = os.lseek(log_fd, 0, os.SEEK_END)
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-                header = f"--- {stamp}: supervisord-vm starts VM {self.name} ({self.unit}) ---\n"
-                os.write(log_fd, header.encode())
-                log_offset += len(header.encode())
-                env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
-                props = ScopeProperties(
-                    description=f"QEMU virtual machine {self.name} (supervisord-vm)",
-                    stop_timeout=float(defn.stop_timeout),
-                    slice=self.ctx.slice,
-                )
-                process = await spawn_in_scope(
-                    self.ctx.systemd,
-                    build_argv(defn, socket_path),
-                    self.unit,
-                    props,
-                    env=env,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                )
-            except OSError as err:
-                # spawn_in_scope's OSError for a failed execve of QEMU carries execve's errno
-                # and no file name; others (fork, the trampoline itself) name their file.
-                if err.filename is None and (err.strerror or "").startswith("cannot execute"):
-                    raise _ExecFailed(_exec_problem(defn.qemu, err)) from err
-                raise
-            finally:
-                os.close(log_fd)
-        except (SvmError, OSError, _ExecFailed) as err:
-            if log_created:  # QEMU never ran: no log of a run that never was
-                with contextlib.suppress(OSError):
-                    log_file.unlink()
-            text = str(err) if isinstance(err, SvmError | _ExecFailed) else _os_error(err)
-            await self._fail_without_run(f"cannot start VM {self.name}: {text}")
-        run = self.new_run(process.pid, process, time.time())
+            launched = await launch.launch(
+                defn,
+                self.unit,
+                systemd=self.ctx.systemd,
+                socket_path=socket_path,
+                log_file=log_path(self.ctx.paths, self.name),
+                log_limit=self.ctx.log_limit,
+                slice=self.ctx.slice,
+            )
+        except (SvmError, launch.LaunchFailed) as err:
+            await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+        run = self.new_run(launched.process.pid, launched.process, time.time())
         try:
             self.save_record(run)
             run.qmp = await self.connect_qmp(run, socket_path)
@@ -326,7 +296,7 @@ class Machine:
         except (SvmError, OSError) as err:
             run.start_failed = True
             await self._abort_run(run)
-            tail = _log_tail(log_file, log_offset)
+            tail = launched.last_output()
             detail = f"\nQEMU's last output:\n{tail}" if tail else ""
             raise StartFailed(f"QEMU for VM {self.name} failed to start: {err}{detail}") from err
         if self.run is not run:  # it ended right after `cont` and was settled already
@@ -620,20 +590,20 @@ class Machine:
         """Hard reset (QMP system_reset), like the reset button."""
         async with self.lock:
             run = self._current(Operation.RESET)
-            await self._qmp(run).execute("system_reset")
+            await self._command(run, "system_reset")
             self.emit(EventType.RESET)
 
     async def pause(self) -> None:
         async with self.lock:
             run = self._current(Operation.PAUSE)
-            await self._qmp(run).execute("stop")
+            await self._command(run, "stop")
             if self.run is run and self.state is State.RUNNING:
                 self.set_state(State.PAUSED, EventType.PAUSED)
 
     async def resume(self) -> None:
         async with self.lock:
             run = self._current(Operation.RESUME)
-            await self._qmp(run).execute("cont")
+            await self._command(run, "cont")
             if self.run is run and self.state is State.PAUSED:
                 self.set_state(State.RUNNING, EventType.RESUMED)
 
@@ -723,78 +693,3 @@ class Machine:
             return
         await run.detach()
         self.run = None
-
-
-def _check_files(defn: Definition) -> str | None:
-    """Why the definition's files cannot be used, or None (blocking: stat on any file system)."""
-    try:
-        mode = Path(defn.qemu).stat().st_mode
-    except OSError as err:
-        return f"QEMU binary {_path_problem(defn.qemu, err)}"
-    if S_ISDIR(mode):
-        return f"QEMU binary {defn.qemu} is a directory, not an executable program"
-    if not S_ISREG(mode):
-        return f"QEMU binary {defn.qemu} is not a regular file"
-    if not os.access(defn.qemu, os.X_OK):
-        return f"QEMU binary {defn.qemu} is not executable (no permission to execute it)"
-    for disk in defn.disks:
-        try:
-            Path(disk.path).stat()
-        except OSError as err:
-            return f"disk {_path_problem(disk.path, err)}"
-    return None
-
-
-class _ExecFailed(Exception):
-    """QEMU's binary could not be executed (the message says why, for a person)."""
-
-
-def _os_error(err: OSError) -> str:
-    """An OSError for a person: "PATH: Permission denied", not "[Errno 13] ..."."""
-    text = err.strerror or str(err)
-    return f"{err.filename}: {text}" if err.filename else text
-
-
-def _path_problem(path: str, err: OSError) -> str:
-    """Why `path` cannot be used, from stat's error, starting with the path."""
-    if isinstance(err, FileNotFoundError):
-        return f"{path} does not exist"
-    if isinstance(err, PermissionError):
-        return f"{path} cannot be reached (permission denied)"
-    if isinstance(err, NotADirectoryError):
-        return f"{path} does not exist (a part of the path is not a directory)"
-    return f"{path} cannot be used ({os.strerror(err.errno) if err.errno else err})"
-
-
-# execve's errors, said about the program (the errno's own text follows in parentheses).
-_EXEC_PROBLEMS: Mapping[int, str] = {
-    errno.ENOEXEC: "is not an executable program",
-    errno.EACCES: "cannot be executed (permission denied",
-    errno.ENOENT: "does not exist, or the interpreter it names does not",
-    errno.EISDIR: "is a directory, not an executable program",
-    errno.ETXTBSY: "is being written to and cannot be executed now",
-    errno.ELIBBAD: "is not an executable program",
-    errno.ENOMEM: "cannot be executed: not enough memory",
-    errno.E2BIG: "cannot be executed: its command line is too long",
-}
-
-
-def _exec_problem(program: str, err: OSError) -> str:
-    """Why execve of `program` failed, said about the program: no raw "[Errno N]"."""
-    code = err.errno or 0
-    reason = os.strerror(code) if code else str(err)
-    problem = _EXEC_PROBLEMS.get(code)
-    if problem is None:
-        return f"QEMU binary {program} cannot be executed ({reason})"
-    if problem.endswith("(permission denied"):
-        return f"QEMU binary {program} {problem})"
-    return f"QEMU binary {program} {problem} ({reason})"
-
-
-def _log_tail(path: Path, offset: int, lines: int = 8) -> str:
-    """The last lines QEMU wrote to its log since `offset` (this start's header)."""
-    try:
-        data = qemu_log.read_since(path, offset, 8192)
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").strip().splitlines()[-lines:])

@@ -38,6 +38,10 @@ from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldc
 
 log = logging.getLogger(__name__)
 
+# qemu.qmp logs a connect attempt that finds no socket yet (a normal wait here) as an ERROR:
+# the library must not speak for the daemon. Our own messages say what went wrong.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
 # Machine types whose board has an IDE controller that SeaBIOS boots from.
 _IDE_MACHINE_PREFIXES = ("pc", "q35")
 

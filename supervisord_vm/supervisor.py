@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -353,6 +354,13 @@ class Supervisor:
             raise NoSuchMachine(f"no VM named {name!r} and no log of one")
         return path
 
+    def read_log(self, name: str, max_bytes: int) -> bytes:
+        """The last `max_bytes` of QEMU's output for VM `name`, across a rotation.
+
+        Blocking (file reads): call it in a worker thread. NoSuchMachine as log_path says.
+        """
+        return qemu_log.read_tail(self.log_path(name), max_bytes)
+
     def summary(self) -> str:
         running = sum(1 for m in self._machines.values() if m.state is not State.SHUTOFF)
         defined = sum(1 for m in self._machines.values() if not m.transient)
@@ -500,8 +508,8 @@ class Supervisor:
 
     async def define(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
         """Store a definition; an existing VM's new definition takes effect on its next start."""
-        defn = parse_definition(toml_text)
-        async with self._audit("define", defn.name, caller), self._definitions_lock:
+        async with self._audit("define", _named(toml_text), caller), self._definitions_lock:
+            defn = parse_definition(toml_text)
             # fsync on /etc may take long on a busy disk: not on the event loop. The lock keeps
             # the file and the VM's definition in step when two clients define one name.
             await asyncio.to_thread(self._definitions.save, defn)
@@ -536,8 +544,8 @@ class Supervisor:
 
     async def create(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
         """Start a transient VM (no definition file); it is forgotten when it stops."""
-        defn = parse_definition(toml_text)
-        async with self._audit("create", defn.name, caller):
+        async with self._audit("create", _named(toml_text), caller):
+            defn = parse_definition(toml_text)
             if defn.name in self._machines:
                 raise MachineExists(f"a VM named {defn.name!r} already exists")
             machine = Machine(defn, self._ctx, transient=True)
@@ -650,6 +658,12 @@ class Supervisor:
             for name in added:
                 self._machines[name].emit(EventType.DEFINED)
             return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
+
+
+def _named(toml_text: str) -> str:
+    """The VM name a definition text gives, for the audit record even of a refused one."""
+    match = re.search(r'^\s*name\s*=\s*"([A-Za-z0-9._-]{1,64})"', toml_text[:65536], re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 def _note_kept(errors: list[str], path: Path, name: str) -> list[str]:

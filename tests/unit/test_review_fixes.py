@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from supervisord_vm.machine import _exec_problem, _os_error, _path_problem
+from supervisord_vm.launch import exec_problem as _exec_problem
+from supervisord_vm.launch import os_error as _os_error
+from supervisord_vm.launch import path_problem as _path_problem
 from supervisord_vm.store import DefinitionStore
 from supervisord_vm.supervisor import _note_kept
 
