@@ -79,6 +79,7 @@ DOCUMENTED = {
         "StartFailed",
         "SystemdError",
         "QmpError",
+        "NoSpace",
     )
 }
 # Answers of sd-bus or dbus-daemon to a call that is malformed as a D-Bus message.
