@@ -20,6 +20,7 @@ import collections
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import time
@@ -169,13 +170,19 @@ async def svmctl_reader(stats: Stats, deadline: float) -> None:
 
 
 async def changer(name: str, first_mode: int, stats: Stats, deadline: float) -> None:
-    """Start/destroy cycles on one VM, the destroy modes in turn; ends with a destroy."""
+    """Start/destroy cycles on one VM, the destroy modes in turn; ends with a destroy.
+
+    A random pause (seeded by the VM and mode, up to 50 ms) before each call keeps two changers
+    of one VM from falling into lock step, so their calls meet in every order."""
     client = Client(stats)
+    pause = random.Random(f"{name}-{first_mode}")
     try:
         for mode in itertools.islice(itertools.cycle(MODES), first_mode, None):
             if time.monotonic() > deadline:
                 return
+            await asyncio.sleep(pause.uniform(0, 0.05))
             await client.manager("Start", "s", name)
+            await asyncio.sleep(pause.uniform(0, 0.05))
             await client.manager("Destroy", "ssd", name, mode, 0.0)
     finally:
         client.bus.close()
