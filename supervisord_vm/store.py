@@ -29,6 +29,7 @@ from supervisord_vm.model import ExitInfo, Reason
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".tmp"
+_PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT: no process ID reaches it
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TEMP_SUFFIX))
 
 
@@ -204,6 +205,29 @@ class RuntimeRecord:
     pending: Pending = NO_PENDING
 
 
+def _read_json(path: Path) -> object:
+    """Parse a record; ValueError (never RecursionError) for whatever corruption left there.
+
+    Start-up reads every record before it answers: one that raised anything else would stop
+    the daemon for good (systemd restarting it into the same file until its start limit).
+    """
+    data = path.read_bytes()
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a record") from None
+
+
+def _seconds(key: str, value: object) -> float:
+    """A time field as a float; ValueError for the wrong type or a number no float holds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"field '{key}' has the wrong type")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"field '{key}' is out of range") from None
+
+
 def _record_from_json(data: object) -> RuntimeRecord:
     """Check every field's type; raise ValueError naming the first bad one."""
     if not isinstance(data, dict):
@@ -221,21 +245,24 @@ def _record_from_json(data: object) -> RuntimeRecord:
 
     name, pid, unit = get("name", str), get("pid", int), get("unit", str)
     transient, toml = get("transient", bool), get("definition_toml", str)
-    started_at = get("started_at", (int, float))
+    started_at = _seconds("started_at", get("started_at", (int, float)))
     assert isinstance(name, str) and isinstance(pid, int) and isinstance(unit, str)
     assert isinstance(transient, bool) and isinstance(toml, str)
-    assert isinstance(started_at, int | float)
+    if not 0 <= pid < _PID_LIMIT:  # 0: the start was cut off before QEMU's PID was known
+        raise ValueError("field 'pid' is out of range")
     # Optional: records of earlier versions carry a stop intent string, or nothing.
     if "pending" in data:
-        pending = Pending.from_json(data["pending"])
+        try:
+            pending = Pending.from_json(data["pending"])
+        except OverflowError:  # float() of an integer too large for one
+            raise ValueError("field 'pending' holds a number out of range") from None
     else:
-        stop, stop_at = data.get("stop", ""), data.get("stop_at", 0.0)
+        stop = data.get("stop", "")
+        stop_at = _seconds("stop_at", data.get("stop_at", 0.0))
         if not isinstance(stop, str):
             raise ValueError("field 'stop' is not a known stop intent")
-        if isinstance(stop_at, bool) or not isinstance(stop_at, int | float):
-            raise ValueError("field 'stop_at' has the wrong type")
-        pending = Pending.from_stop_intent(stop, float(stop_at))
-    return RuntimeRecord(name, pid, unit, transient, toml, float(started_at), pending)
+        pending = Pending.from_stop_intent(stop, stop_at)
+    return RuntimeRecord(name, pid, unit, transient, toml, started_at, pending)
 
 
 def _record_to_json(record: RuntimeRecord) -> bytes:
@@ -270,7 +297,7 @@ class RuntimeStore:
         errors: list[str] = []
         for path in _candidates(self.directory, ".json"):
             try:
-                record = _record_from_json(json.loads(path.read_bytes()))
+                record = _record_from_json(_read_json(path))
             except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError too
                 errors.append(f"{path}: unusable runtime record: {exc}")
                 continue
@@ -296,17 +323,19 @@ def _exit_from_json(data: object) -> tuple[Reason, ExitInfo]:
     result = data.get("result", "")
     status = data.get("exit_status")
     signal = data.get("exit_signal")
-    time = data.get("time", 0.0)
+    time = _seconds("time", data.get("time", 0.0))
     if not isinstance(result, str):
         raise ValueError("field 'result' has the wrong type")
-    for key, value in (("exit_status", status), ("exit_signal", signal)):
+    # A process's exit status is 0-255 and a signal below 128: anything else is corruption
+    # (and would not even fit the D-Bus properties' int32).
+    for key, value, top in (("exit_status", status, 255), ("exit_signal", signal, 127)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"field '{key}' has the wrong type")
-    if isinstance(time, bool) or not isinstance(time, int | float):
-        raise ValueError("field 'time' has the wrong type")
+        if value is not None and not 0 <= value <= top:
+            raise ValueError(f"field '{key}' is out of range")
     assert status is None or isinstance(status, int)
     assert signal is None or isinstance(signal, int)
-    return reason, ExitInfo(result, status, signal, float(time))
+    return reason, ExitInfo(result, status, signal, time)
 
 
 class StateStore:
@@ -328,7 +357,7 @@ class StateStore:
             name = path.name.removesuffix(".json")
             try:
                 validate_name(name)
-                exits[name] = _exit_from_json(json.loads(path.read_bytes()))
+                exits[name] = _exit_from_json(_read_json(path))
             except (OSError, ValueError, InvalidDefinition) as exc:
                 log.warning("%s: ignoring unusable exit record: %s", path, exc)
         return exits
