@@ -369,3 +369,168 @@ def test_define_into_a_full_directory_says_so_and_changes_nothing(
     assert main_pid() == daemon and svm("--json", "list", "--all").stdout == listed
     filler.unlink()
     assert svm("undefine", "if_full").returncode == 0
+
+
+# --- corrupt, truncated and half-written records at start-up ------------------------------------
+
+RUNTIME_DIR = Path("/run/supervisord-vm")
+EXITS_DIR = Path("/var/lib/supervisord-vm/exits")
+TEMP_TAG = "0123456789abcdef"  # the 16 hex digits atomic_write puts in a temp file's name
+
+
+def restart_service() -> str:
+    """`systemctl restart` (Type=notify: it returns once the new daemon sent READY=1); fails
+    with the journal if the new daemon did not come up, crashed or printed a traceback."""
+    cursor, daemon = journal_cursor(), main_pid()
+    result = sh("systemctl", "restart", "supervisord-vm.service", timeout=120)
+    assert result.returncode == 0, result.stderr + journal_since(cursor)[-4000:]
+    assert sh("systemctl", "is-active", "supervisord-vm.service").stdout.strip() == "active"
+    assert main_pid() != daemon
+    assert answering()
+    log = journal_since(cursor)
+    assert "Traceback" not in log, log
+    return cursor
+
+
+def journal_says(cursor: str, *texts: str) -> None:
+    """Wait for the daemon's journal since CURSOR to hold every text (journald reads the
+    daemon's stderr asynchronously: READY=1 may come before the lines before it are stored)."""
+    wait_for(
+        lambda: all(text in journal_since(cursor) for text in texts),
+        20,
+        f"the journal to say {texts}",
+    )
+
+
+def with_field(key: str, value: object) -> Callable[[bytes], bytes]:
+    def corrupt(data: bytes) -> bytes:
+        record = json.loads(data)
+        record[key] = value
+        return json.dumps(record).encode()
+
+    return corrupt
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def garbage(_data: bytes) -> bytes:
+    return b"\x00\xff\xfe\x9c garbage\n" * 7
+
+
+def nested(_data: bytes) -> bytes:
+    return b"[" * 100_000  # json.loads raises RecursionError, not ValueError
+
+
+# Each: how the file is spoilt, what the journal must say about why it was ignored.
+RECORD_CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "truncated": (truncated, "unusable runtime record: "),
+    "garbage": (garbage, "unusable runtime record: "),
+    "nested": (nested, "unusable runtime record: nested too deeply to be a record"),
+    "wrong_type": (with_field("pid", "1234"), "unusable runtime record: field 'pid' has the wrong"),
+    "huge_number": (with_field("started_at", 10**400), "field 'started_at' is out of range"),
+    "unknown_pending": (
+        with_field("pending", {"op": "explode", "since": 1.0}),
+        "unusable runtime record: field 'pending.op' is not a known operation",
+    ),
+}
+EXIT_CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "truncated": (truncated, "ignoring unusable exit record: "),
+    "garbage": (garbage, "ignoring unusable exit record: "),
+    "nested": (nested, "ignoring unusable exit record: nested too deeply to be a record"),
+    "wrong_type": (with_field("result", 5), "ignoring unusable exit record: field 'result' has"),
+    "unknown_reason": (with_field("reason", "vaporised"), "'vaporised' is not a valid Reason"),
+    "status_out_of_range": (with_field("exit_status", 2**40), "'exit_status' is out of range"),
+    "huge_time": (with_field("time", 10**400), "field 'time' is out of range"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(RECORD_CORRUPTIONS))
+def test_unusable_runtime_record_is_reported_and_the_running_vm_reattached_from_its_scope(
+    vms: Callable[..., str], corruption: str
+) -> None:
+    """The record is ignored (its pending operation with it) and the VM adopted as a scope of
+    a defined VM: same PID, running, and then fully under control (QMP and systemd)."""
+    name = vms(f"if_rec_{corruption}")
+    pid = status(name)["pid"]
+    record = RUNTIME_DIR / f"{name}.json"
+    spoil, why = RECORD_CORRUPTIONS[corruption]
+    record.write_bytes(spoil(record.read_bytes()))
+    qemus = qemu_pids()
+    cursor = restart_service()
+    journal_says(cursor, f"{record}: unusable runtime record: ", why)
+    journal_says(cursor, f"VM {name}: reattached to pid {pid}")
+    info = agrees_with_systemd(name)
+    assert info["state"] == "running" and info["pid"] == pid, info
+    assert qemu_pids() == qemus  # none lost, none started twice
+    assert json.loads(record.read_bytes())["pid"] == pid  # the new daemon wrote a good one
+    # QMP answers (the guest powers off on ACPI), and a destroy goes through systemd.
+    if corruption in ("truncated", "nested", "unknown_pending"):
+        assert svm("shutdown", name, "--timeout", "30").returncode == 0
+        expected = "shutdown"
+    else:
+        assert svm("destroy", name).returncode == 0
+        expected = "destroyed"
+    info = agrees_with_systemd(name)
+    assert info["state"] == "shutoff" and info["reason"] == expected, info
+    assert not record.exists()
+    no_failed_units()
+
+
+@pytest.mark.parametrize("corruption", sorted(EXIT_CORRUPTIONS))
+def test_unusable_exit_record_is_reported_and_the_next_exit_recorded(
+    vms: Callable[..., str], corruption: str
+) -> None:
+    name = vms(f"if_exit_{corruption}")
+    assert svm("destroy", name).returncode == 0
+    record = EXITS_DIR / f"{name}.json"
+    assert json.loads(record.read_bytes())["reason"] == "destroyed"
+    spoil, why = EXIT_CORRUPTIONS[corruption]
+    record.write_bytes(spoil(record.read_bytes()))
+    cursor = restart_service()
+    journal_says(cursor, f"{record}: ignoring unusable exit record: ", why)
+    info = agrees_with_systemd(name)
+    assert info["state"] == "shutoff" and info["reason"] == "", info
+    listed = json.loads(svm("--json", "list", "--all").stdout)
+    assert name in [machine["name"] for machine in listed]
+    assert svm("start", name).returncode == 0
+    assert agrees_with_systemd(name)["state"] == "running"
+    sh("systemctl", "stop", f"svm-{name}.scope", check=True)
+    wait_for(lambda: status(name)["state"] == "shutoff", 30, f"{name} to be shut off")
+    assert agrees_with_systemd(name)["reason"] == "stopped-externally"
+    assert json.loads(record.read_bytes())["reason"] == "stopped-externally"
+    no_failed_units()
+
+
+def test_temp_files_of_interrupted_writes_are_removed_at_start(vms: Callable[..., str]) -> None:
+    """Only atomic_write's own temp files go (a dotfile NAME.<16 hex>.tmp); the running VM and
+    its record are untouched, and a look-alike file is left alone."""
+    name = vms("if_tmp")
+    pid = status(name)["pid"]
+    record = RUNTIME_DIR / f"{name}.json"
+    good = record.read_bytes()
+    EXITS_DIR.mkdir(parents=True, exist_ok=True)
+    leftovers = [
+        RUNTIME_DIR / f".{name}.json.{TEMP_TAG}.tmp",
+        EXITS_DIR / f".{name}.json.{TEMP_TAG}.tmp",
+    ]
+    bystander = RUNTIME_DIR / f".{name}.json.not-hex.tmp"
+    try:
+        for path in [*leftovers, bystander]:
+            path.write_bytes(truncated(good))
+        cursor = restart_service()
+        journal_says(
+            cursor, *(f"removed {path}, left by an interrupted write" for path in leftovers)
+        )
+        assert not any(path.exists() for path in leftovers)
+        assert bystander.exists()
+        assert f"removed {bystander}" not in journal_since(cursor)
+    finally:
+        bystander.unlink(missing_ok=True)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+    info = agrees_with_systemd(name)
+    assert info["state"] == "running" and info["pid"] == pid, info
+    assert json.loads(record.read_bytes())["pid"] == pid
+    no_failed_units()
