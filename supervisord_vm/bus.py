@@ -215,14 +215,20 @@ class Authorizer:
     groups the caller's process had when it connected — the kernel's view, not a claim.
     """
 
+    # Credential look-ups waiting for the bus driver at once: each is a pending reply on the
+    # daemon's own connection, which the bus limits to a few hundred; callers beyond this wait.
+    LOOKUPS_IN_FLIGHT = 32
+
     def __init__(self, bus: SdBus) -> None:
         self._driver = _DBusDaemon.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", bus)
+        self._lookups = asyncio.Semaphore(self.LOOKUPS_IN_FLIGHT)
 
     async def caller(self) -> tuple[Caller, set[int] | None]:
         sender = get_current_message().sender
         if sender is None:  # a direct (peer-to-peer) connection: only root can have made it
             return Caller(uid=0, pid=0), {0}
-        creds = await self._driver.get_connection_credentials(sender)
+        async with self._lookups:
+            creds = await self._driver.get_connection_credentials(sender)
         uid = int(creds["UnixUserID"][1])
         pid = int(creds["ProcessID"][1]) if "ProcessID" in creds else 0
         groups = {int(g) for g in creds["UnixGroupIDs"][1]} if "UnixGroupIDs" in creds else None

@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 
 SCOPE_PATTERN = "svm-*.scope"
 
+# Method calls to systemd waiting for their reply at once, on the one call connection. The bus
+# refuses more than a few hundred pending replies per connection (DbusLimitsExceededError);
+# listing 400 scopes' Results at once hit that limit.
+CALLS_IN_FLIGHT = 64
+
 _SYSTEMD = "org.freedesktop.systemd1"
 _MANAGER_PATH = "/org/freedesktop/systemd1"
 _MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
@@ -356,6 +361,7 @@ class Systemd:
         self._signal_fd: int | None = None
         self._systemd_owner = systemd_owner
         self._subscribers: list[Callable[[UnitEvent], None]] = []
+        self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)
         self._job_watches: dict[str, list[_JobWatch]] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._closed = False
@@ -533,7 +539,8 @@ class Systemd:
             message = bus.new_method_call_message(_SYSTEMD, path, interface, method)
             if signature:
                 message.append_data(signature, *args)
-            reply = await bus.call_async(message)
+            async with self._in_flight:
+                reply = await bus.call_async(message)
         except SdBusBaseError as exc:
             if bus is not None and self._call_bus is bus and _disconnected(exc):
                 self._call_bus = None

@@ -565,3 +565,26 @@ def children() -> set[int]:
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         pids.update(int(pid) for pid in (task / "children").read_text().split())
     return pids
+
+
+async def test_hundreds_of_scopes_never_exceed_the_bus_limit_on_pending_replies(
+    systemd: Systemd, cleanup: Cleanup
+) -> None:
+    """The system bus refuses more than 128 pending replies per connection (Debian's
+    max_replies_per_connection): listing 300 scopes, and 300 status reads at once, must stay
+    under it however many the caller asks for together."""
+    count = 300
+    units = [new_unit() for _ in range(count)]
+    sleepers = [await start_process(cleanup, ["/bin/sleep", "600"]) for _ in range(count)]
+    cleanup.units.extend(units)
+    await asyncio.gather(
+        *(
+            systemd.start_scope(unit, [sleeper.pid], props())
+            for unit, sleeper in zip(units, sleepers, strict=True)
+        )
+    )
+    listed = {scope.name for scope in await systemd.list_scopes()}
+    assert set(units) <= listed
+    statuses = await asyncio.gather(*(systemd.unit_status(unit) for unit in units))
+    assert all(status is not None and status.active_state == "active" for status in statuses)
+    await asyncio.gather(*(systemd.kill_unit(unit, signal.SIGKILL) for unit in units))
