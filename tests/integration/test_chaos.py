@@ -59,7 +59,9 @@ SEED = int(os.environ.get("SVM_CHAOS_SEED", "") or random.SystemRandom().randran
 SVMCTL = "/usr/local/bin/svmctl"
 SERVICE = "supervisord-vm.service"
 STOP_TIMEOUT = 3
-GRACE = 2.0  # an exit this close before the kill may not have been recorded by the old daemon
+# An exit this close before the kill may not have been recorded by the old daemon yet; one
+# earlier than that (a QEMU SIGKILLed 1-1.5 s before the daemon) must be `crashed`, not `lost`.
+GRACE = 1.0
 LIVE = ("running", "paused")
 VMS = {"ch_a": ACPI_IMAGE, "ch_b": ACPI_IMAGE, "ch_d": DEAF_IMAGE}
 OPS = (
@@ -187,8 +189,8 @@ def journal_cursor() -> str:
     return str(json.loads(entry.splitlines()[-1])["__CURSOR"])
 
 
-def stopped_entries(cursor: str) -> dict[str, list[str]]:
-    """VM name -> reasons of its `stopped` journal entries written after CURSOR.
+def lifecycle_entries(cursor: str, event: str) -> dict[str, list[str]]:
+    """VM name -> reasons of its EVENT (`stopped`, `stopping`) journal entries after CURSOR.
 
     Filtered here, not by journalctl: systemd 252's journalctl --after-cursor with a field
     match prints nothing when the cursor's own entry does not match.
@@ -198,10 +200,7 @@ def stopped_entries(cursor: str) -> dict[str, list[str]]:
     reasons: dict[str, list[str]] = collections.defaultdict(list)
     for line in out.splitlines():
         entry = json.loads(line)
-        if (
-            entry.get("SYSLOG_IDENTIFIER") == "supervisord-vm"
-            and entry.get("VM_EVENT") == "stopped"
-        ):
+        if entry.get("SYSLOG_IDENTIFIER") == "supervisord-vm" and entry.get("VM_EVENT") == event:
             reasons[str(entry.get("VM_NAME"))].append(str(entry.get("VM_REASON")))
     return reasons
 
@@ -414,7 +413,7 @@ def iteration(plan: Plan, tally: Tally) -> tuple[str, list[str]]:
             client.communicate()
         exits = clock.close()
     after = listed()
-    stopped = stopped_entries(cursor)
+    stopped = lifecycle_entries(cursor, "stopped")
     note = f"client exit {client_rc}" + (f" ({client_err.strip()})" if client_err.strip() else "")
     for name, machine in after.items():
         was = before.get(name)
@@ -444,6 +443,9 @@ def iteration(plan: Plan, tally: Tally) -> tuple[str, list[str]]:
             problems.append(f"{plan.op} had no effect, yet it did not fail ({note})")
         elif plan.op == "shutdown-then-destroy" and old_pid not in exits:
             tally.shutdown_left_pending += 1  # pressed again at start-up; nobody destroys
+        elif plan.name in lifecycle_entries(cursor, "stopping"):
+            tally.wrong_reasons += 1  # a stop that began must end as asked
+            problems.append(f"{plan.op} began (a `stopping` entry) but the VM runs on ({note})")
         else:
             tally.no_effect += 1
         if reasons:
