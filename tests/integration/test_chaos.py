@@ -103,6 +103,7 @@ class Tally:
     no_effect: int = 0  # the daemon died before acting; its client was told so
     shutdown_left_pending: int = 0  # a deaf guest's shutdown --then-destroy cut off
     start_limit_resets: int = 0
+    notes: list[str] = field(default_factory=list)  # printed after the iteration
 
     def line(self) -> str:
         ops = " ".join(f"{op}={self.ops[op]}" for op in OPS)
@@ -230,9 +231,14 @@ def wait_daemon_back(old_pid: int, tally: Tally) -> float:
     while time.monotonic() < deadline:
         state = sh("systemctl", "show", "-P", "ActiveState", SERVICE).stdout.strip()
         if state == "failed":
-            result = sh("systemctl", "show", "-P", "Result", SERVICE).stdout.strip()
-            # Counted and printed: the unit's start limit stopped systemd's restarts.
-            print(f"  the service is failed ({result}): reset-failed and start")
+            # The unit's start limit stopped systemd's restarts (systemd 252 then keeps the
+            # first failure's Result, `signal`, not `start-limit-hit`): counted and printed.
+            show = sh("systemctl", "show", SERVICE, "-p", "Result,NRestarts,StartLimitBurst")
+            limit = sh("systemctl", "show", "-P", "StartLimitIntervalUSec", SERVICE).stdout
+            tally.notes.append(
+                f"the service stayed failed ({' '.join(show.stdout.split())}, "
+                f"StartLimitIntervalSec={limit.strip()}): systemctl reset-failed and start"
+            )
             tally.start_limit_resets += 1
             sh("systemctl", "reset-failed", SERVICE)
             sh("systemctl", "start", "--no-block", SERVICE)
@@ -531,7 +537,9 @@ def test_daemon_sigkilled_during_operations_comes_back_consistent(
         tally.ops[plan.op] += 1
         outcome, found = iteration(plan, tally)
         with capsys.disabled():
+            print("".join(f"chaos:   note: {note}\n" for note in tally.notes), end="")
             print(f"chaos:   -> {outcome}", flush=True)
+        tally.notes.clear()
         if found:
             with capsys.disabled():
                 print("\n".join(f"chaos: PROBLEM {p}" for p in found), flush=True)
