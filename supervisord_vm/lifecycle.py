@@ -6,6 +6,7 @@ tables and small functions and are unit-tested without any of those.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import signal
 from collections.abc import Mapping
@@ -99,7 +100,6 @@ class PendingOp(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the power button was pressed; the guest's power-off is awaited
     DESTROY = "destroy"  # QEMU is being ended (Pending.mode says how)
     REBOOT = "reboot"  # QEMU pauses on the guest's power-off; the daemon then resets it
-    KILL = "kill"  # a signal that may end QEMU was sent (Pending.signal)
 
 
 # How strong each destroy mode is: a destroy in flight is only ever escalated, never weakened.
@@ -115,31 +115,37 @@ QEMU_TERMINATION_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGH
 
 @dataclass(frozen=True)
 class Pending:
-    """The one operation in progress on a VM's run; persisted in its runtime record.
+    """What is in progress on a VM's run: one value, persisted in its runtime record.
+
+    Two parts that do not cancel each other: the operation (`op`: a shutdown, a destroy and
+    its mode, or a reboot), and the last `kill` signal that may still end QEMU (`signal`,
+    `signal_since`). A kill during a shutdown or a reboot must neither cancel it nor be lost
+    (its exit is `destroyed`), so the signal sits beside the operation, not in its place.
 
     Written before the daemon acts, so a daemon killed meanwhile lets the next one finish the
-    operation (or classify the exit it caused) instead of guessing. Changes only through
-    `begin` and `end`, which apply the rules below; everything else reads it.
+    operation (or classify the exit it caused) instead of guessing. Changes only through the
+    methods below, which apply the rules; everything else reads it.
     """
 
     op: PendingOp = PendingOp.NONE
     mode: DestroyMode | None = None  # DESTROY only
-    signal: int = 0  # KILL only
-    since: float = 0.0  # when it began (seconds since the epoch)
+    since: float = 0.0  # when the operation began (seconds since the epoch)
     guest_off: bool = False  # REBOOT only: the guest powered off, QEMU waits paused for a reset
+    signal: int = 0  # a kill's signal that may still end QEMU (0: none)
+    signal_since: float = 0.0
 
     @property
     def stopping(self) -> bool:
-        """A stop asked through the daemon: its exit is never undone by the restart policy."""
-        return self.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY, PendingOp.KILL)
+        """A stop asked through the daemon is in progress (the VM is `stopping`)."""
+        return self.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY)
 
     def begin(self, new: Pending) -> Pending:
-        """What is pending once `new` is asked for while this is; InvalidState if it may not.
+        """What is pending once the operation `new` is asked for; InvalidState if it may not.
 
         - a destroy wins over everything and is only escalated (graceful < default < force);
         - a shutdown joins a pending shutdown and replaces a reboot (the reboot is cancelled);
-        - a kill during a stop leaves the stop pending: that stop explains the exit;
         - a reboot cannot begin during a stop.
+        The kill part stays as it is.
         """
         if new.op is PendingOp.DESTROY:
             weaker = (
@@ -148,36 +154,49 @@ class Pending:
                 and new.mode is not None
                 and _DESTROY_STRENGTH[new.mode] <= _DESTROY_STRENGTH[self.mode]
             )
-            return self if weaker else new
-        if new.op is PendingOp.KILL:
-            return self if self.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY) else new
+            return self if weaker else self._with_op(new)
         if self.op is PendingOp.DESTROY:
             raise InvalidState(f"cannot {new.op}: the VM is being destroyed")
         if new.op is PendingOp.SHUTDOWN:
-            return self if self.op is PendingOp.SHUTDOWN else new
+            return self if self.op is PendingOp.SHUTDOWN else self._with_op(new)
         if new.op is PendingOp.REBOOT:
             if self.op is PendingOp.SHUTDOWN:
                 raise InvalidState("cannot reboot: the VM is shutting down")
-            return self if self.op is PendingOp.REBOOT else new
+            return self if self.op is PendingOp.REBOOT else self._with_op(new)
         raise ValueError(f"not an operation to begin: {new!r}")
 
-    def end(self, ended: Pending) -> Pending:
-        """What is pending once `ended` finished or gave up with QEMU still running.
+    def end(self, ended: Pending, restore: Pending | None = None) -> Pending:
+        """What is pending once the operation `ended` finished or gave up, QEMU running.
 
-        Only the operation that ended is dropped: a graceful destroy that answers Busy while a
-        stronger destroy is in flight leaves that destroy pending.
+        Only that very operation is dropped (replaced by `restore`'s, if given): a graceful
+        destroy that answers Busy while a stronger destroy is in flight leaves that destroy.
         """
-        if self.op is ended.op and self.mode is ended.mode and self.signal == ended.signal:
-            return NO_PENDING
-        return self
+        if (self.op, self.mode, self.since) != (ended.op, ended.mode, ended.since):
+            return self
+        return self._with_op(restore if restore is not None else NO_PENDING)
+
+    def with_kill(self, sig: int, since: float) -> Pending:
+        return dataclasses.replace(self, signal=sig, signal_since=since)
+
+    def kill_expired(self, sig: int, since: float) -> Pending:
+        """QEMU outlived that kill: it no longer explains an exit (a later kill stays)."""
+        if (self.signal, self.signal_since) != (sig, since):
+            return self
+        return dataclasses.replace(self, signal=0, signal_since=0.0)
+
+    def _with_op(self, other: Pending) -> Pending:
+        return dataclasses.replace(
+            self, op=other.op, mode=other.mode, since=other.since, guest_off=other.guest_off
+        )
 
     def to_json(self) -> dict[str, object]:
         return {
             "op": str(self.op),
             "mode": str(self.mode) if self.mode is not None else "",
-            "signal": self.signal,
             "since": self.since,
             "guest_off": self.guest_off,
+            "signal": self.signal,
+            "signal_since": self.signal_since,
         }
 
     @classmethod
@@ -187,39 +206,49 @@ class Pending:
             raise ValueError("field 'pending' is not an object")
         op, mode, sig = data.get("op", ""), data.get("mode", ""), data.get("signal", 0)
         since, guest_off = data.get("since", 0.0), data.get("guest_off", False)
+        signal_since = data.get("signal_since", 0.0)
         if not isinstance(op, str) or op not in set(PendingOp):
             raise ValueError("field 'pending.op' is not a known operation")
         if not isinstance(mode, str) or (mode and mode not in set(DestroyMode)):
             raise ValueError("field 'pending.mode' is not a destroy mode")
         if isinstance(sig, bool) or not isinstance(sig, int) or not 0 <= sig < 128:
             raise ValueError("field 'pending.signal' is not a signal number")
-        if isinstance(since, bool) or not isinstance(since, int | float):
-            raise ValueError("field 'pending.since' has the wrong type")
+        for key, value in (("since", since), ("signal_since", signal_since)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"field 'pending.{key}' has the wrong type")
+        assert isinstance(since, int | float) and isinstance(signal_since, int | float)
         if not isinstance(guest_off, bool):
             raise ValueError("field 'pending.guest_off' has the wrong type")
         kind = PendingOp(op)
         if (kind is PendingOp.DESTROY) != bool(mode):
             raise ValueError("field 'pending.mode' is required for a destroy, and only there")
-        return cls(kind, DestroyMode(mode) if mode else None, sig, float(since), guest_off)
+        return cls(
+            kind,
+            DestroyMode(mode) if mode else None,
+            float(since),
+            guest_off,
+            sig,
+            float(signal_since),
+        )
 
     @classmethod
     def from_stop_intent(cls, stop: str, stop_at: float) -> Pending:
         """Records of earlier versions carried a stop intent string instead."""
         if stop == "shutdown":
-            return cls(PendingOp.SHUTDOWN, since=stop_at)
+            return shutdown(stop_at)
         if stop == "destroy":
-            return cls(PendingOp.DESTROY, DestroyMode.DEFAULT, since=stop_at)
+            return destroy(DestroyMode.DEFAULT, stop_at)
         if stop in ("destroy-graceful", "destroy-force"):
-            return cls(PendingOp.DESTROY, DestroyMode(stop.removeprefix("destroy-")), since=stop_at)
+            return destroy(DestroyMode(stop.removeprefix("destroy-")), stop_at)
         if stop == "":
             return NO_PENDING
         raise ValueError("field 'stop' is not a known stop intent")
 
     def describe(self) -> str:
-        """For messages: "destroy (graceful)", "kill (SIGUSR1)", "shutdown"."""
+        """For messages: "destroy (graceful)", "shutdown", "kill (SIGUSR1)"."""
         if self.op is PendingOp.DESTROY and self.mode is not None:
             return f"destroy ({self.mode})"
-        if self.op is PendingOp.KILL:
+        if self.op is PendingOp.NONE and self.signal:
             return f"kill ({signal_name(self.signal)})"
         return str(self.op) or "nothing"
 
@@ -228,7 +257,7 @@ NO_PENDING = Pending()
 
 
 def destroy(mode: DestroyMode, since: float) -> Pending:
-    return Pending(PendingOp.DESTROY, mode, since=since)
+    return Pending(PendingOp.DESTROY, mode, since)
 
 
 def shutdown(since: float) -> Pending:
@@ -237,10 +266,6 @@ def shutdown(since: float) -> Pending:
 
 def reboot(since: float) -> Pending:
     return Pending(PendingOp.REBOOT, since=since)
-
-
-def kill(sig: int, since: float) -> Pending:
-    return Pending(PendingOp.KILL, signal=sig, since=since)
 
 
 # --- exit classification -----------------------------------------------------------------------
@@ -261,6 +286,7 @@ class ExitFacts:
     exit_status: int | None = None
     # Adopted from a previous daemon while QEMU was no longer running: events may be unseen.
     events_missed: bool = False
+    monitored: bool = True  # QMP was connected: its events (or their absence) are known
 
 
 def kill_caused_exit(sig: int, facts: ExitFacts) -> bool:
@@ -288,9 +314,9 @@ def classify_exit(facts: ExitFacts) -> Reason:
         return Reason.DESTROYED
     if facts.shutdown_guest is True:
         return Reason.SHUTDOWN
-    if pending.op is PendingOp.KILL and kill_caused_exit(pending.signal, facts):
+    if pending.signal and kill_caused_exit(pending.signal, facts):
         return Reason.DESTROYED
-    if facts.sigterm_sent and facts.shutdown_reason == "host-signal":
+    if facts.sigterm_sent and (facts.shutdown_reason == "host-signal" or not facts.monitored):
         return Reason.DESTROYED
     if facts.external_stop or facts.unit_result == "timeout":
         return Reason.STOPPED_EXTERNALLY
@@ -318,7 +344,7 @@ def classify_settled(pending: Pending, unit_result: str) -> Reason:
     stopped) is a stop from outside. Otherwise (nothing, or a reboot, pending) nothing more
     than `lost` (or a provable crash) is known.
     """
-    if pending.op in (PendingOp.DESTROY, PendingOp.KILL):
+    if pending.op is PendingOp.DESTROY or pending.signal:
         return Reason.DESTROYED
     if pending.op is PendingOp.SHUTDOWN:
         if unit_result in CRASH_RESULTS:

@@ -36,6 +36,7 @@ from supervisord_vm.errors import (
 )
 from supervisord_vm.lifecycle import (
     NON_TERMINATING_SIGNALS,
+    QEMU_TERMINATION_SIGNALS,
     Operation,
     Pending,
     PendingOp,
@@ -229,10 +230,10 @@ class Machine:
         """Begin `asked` (lifecycle's rules: join, escalate, replace or refuse)."""
         self.set_pending(run, run.pending.begin(asked))
 
-    def end(self, run: Run, ended: Pending, restore: Pending = lifecycle.NO_PENDING) -> None:
+    def end(self, run: Run, ended: Pending, restore: Pending | None = None) -> None:
         """`ended` finished or gave up with QEMU running: drop it (not another one)."""
-        if not run.settled.done() and run.pending.end(ended) is not run.pending:
-            self.set_pending(run, restore)
+        if not run.settled.done():
+            self.set_pending(run, run.pending.end(ended, restore))
 
     # --- start --------------------------------------------------------------------------------
 
@@ -382,16 +383,20 @@ class Machine:
 
         Without a timeout the wait lasts as long as the guest takes, forever for a guest that
         ignores ACPI; a press before the guest enabled ACPI (early boot) is lost as on real
-        hardware. Use a timeout, and `then_destroy` to end the VM when it runs out. The wait
-        holds nothing: other operations answer meanwhile, and a second shutdown joins this
-        one (each caller with its own timeout; the VM goes back to running only when the last
-        waiting caller gives up).
+        hardware. Use a timeout, and `then_destroy` to end the VM when it runs out. Only the
+        press holds the VM's lock (bounded by QMP's timeout; a pause in flight finishes
+        first); the wait holds nothing: other operations answer meanwhile, and a second
+        shutdown joins this one (each caller with its own timeout; the VM goes back to
+        running only when the last waiting caller gives up).
         """
-        run = self._current(Operation.SHUTDOWN)
+        run = self._run_to_shut_down()
         if run.pending.op is not PendingOp.SHUTDOWN:
-            if self.state is State.STOPPING:
-                raise InvalidState(f"cannot shut down VM {self.name}: it is being destroyed")
-            await self._press_power_button(run)
+            async with self.lock:
+                run = self._run_to_shut_down()  # again: it may have changed meanwhile
+                if run.pending.op is not PendingOp.SHUTDOWN:
+                    await self._press_power_button(run)
+        if run.press is not None:
+            await asyncio.shield(run.press)  # a press in flight, or failed: share its outcome
         run.shutdown_waiters += 1
         try:
             if await run.settled_within(timeout):
@@ -404,16 +409,24 @@ class Machine:
         assert timeout is not None
         if run.shutdown_waiters == 0 and run.pending.op is PendingOp.SHUTDOWN:
             self.end(run, run.pending)
-            self._back_from_stopping(run, State.RUNNING, "shutdown timed out")
+            self._back_from_stopping(run, "shutdown timed out")
         raise OperationTimeout(
             f"VM {self.name} did not power off within {timeout:g} s; it is still running"
         )
+
+    def _run_to_shut_down(self) -> Run:
+        run = self._current(Operation.SHUTDOWN)
+        if run.pending.op is not PendingOp.SHUTDOWN and self.state is State.STOPPING:
+            raise InvalidState(f"cannot shut down VM {self.name}: it is being destroyed")
+        return run
 
     async def _press_power_button(self, run: Run) -> None:
         """Begin a shutdown: the intent first, then the button (bounded by QMP's timeout)."""
         qmp = self._qmp(run)
         before = run.pending
         asked = lifecycle.shutdown(time.time())
+        press: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        run.press = press
         self.begin(run, asked)
         self.set_state(State.STOPPING, EventType.STOPPING, "ACPI power button")
         try:
@@ -422,30 +435,31 @@ class Machine:
             if before.op is PendingOp.REBOOT and before.guest_off:
                 # The guest already powered off for the reboot; QEMU waits paused for the
                 # reset. That power-off is the one asked for now: let QEMU go.
-                run.shutdown_guest, run.shutdown_reason = True, "guest-shutdown"
                 await qmp.execute("quit")
+                run.shutdown_guest, run.shutdown_reason = True, "guest-shutdown"
             else:
                 await qmp.execute("system_powerdown")
         except QmpDisconnected:
             pass  # QEMU is going away anyway: the exit settles the shutdown
         except QmpError as err:
             self.end(run, asked, restore=before)
-            self._back_from_stopping(run, State.RUNNING, f"shutdown failed: {err}")
+            self._back_from_stopping(run, f"shutdown failed: {err}")
+            press.set_exception(err)
+            press.exception()  # the joiners raise it; nobody else needs to
             raise
+        press.set_result(None)
 
-    def _back_from_stopping(self, run: Run, previous: State, message: str) -> None:
-        """A stop that did not happen: the VM is back in the state it was in, and says so.
+    def _back_from_stopping(self, run: Run, message: str) -> None:
+        """A stop that did not happen: the VM is back to running, or paused if QEMU's CPUs
+        are stopped (a pause that finished meanwhile), and says so.
 
         Not while another stop is still pending (a destroy in flight keeps it stopping).
         """
-        if (
-            self.run is run
-            and self.state is State.STOPPING
-            and previous is not State.STOPPING
-            and not run.pending.stopping
-        ):
-            event = EventType.RESUMED if previous is State.RUNNING else EventType.PAUSED
-            self.set_state(previous, event, message)
+        if self.run is run and self.state is State.STOPPING and not run.pending.stopping:
+            if run.cpus_stopped:
+                self.set_state(State.PAUSED, EventType.PAUSED, message)
+            else:
+                self.set_state(State.RUNNING, EventType.RESUMED, message)
 
     async def destroy(
         self,
@@ -464,10 +478,15 @@ class Machine:
         run: Run,
         mode: DestroyMode,
         timeout: float | None,  # noqa: ASYNC109 - the agreed interface
+        before: Pending | None = None,
+        resumed: Pending | None = None,
     ) -> None:
-        previous = self.state
-        before = run.pending
-        asked = lifecycle.destroy(mode, time.time())
+        """Destroy `run` in `mode`. `before`: what is pending again if a graceful destroy
+        answers Busy (default: what was pending when it began). `resumed`: the recorded
+        destroy a restarted daemon carries on (it stays the one pending, and ends as one)."""
+        if before is None:
+            before = run.pending
+        asked = resumed if resumed is not None else lifecycle.destroy(mode, time.time())
         self.begin(run, asked)  # a stronger destroy in flight stays what is pending
         if self.state is not State.STOPPING:
             self.set_state(State.STOPPING, EventType.STOPPING, f"destroy ({mode})")
@@ -485,10 +504,13 @@ class Machine:
             limit = timeout if timeout is not None else self.stop_timeout
             if not await run.settled_within(limit):
                 run.sigterm_sent = True
-                # What was pending before (a shutdown waiting, a reboot) is again; a stronger
-                # destroy that began meanwhile stays, and so does its state.
-                self.end(run, asked, restore=before)
-                self._back_from_stopping(run, previous, "graceful destroy: still running")
+                # What was pending before is again (a reboot, or a shutdown someone still
+                # waits for); a stronger destroy that began meanwhile stays, and its state.
+                still_wanted = before.op is PendingOp.REBOOT or (
+                    before.op is PendingOp.SHUTDOWN and run.shutdown_waiters > 0
+                )
+                self.end(run, asked, restore=before if still_wanted else None)
+                self._back_from_stopping(run, "graceful destroy: still running")
                 raise Busy(
                     f"Failed to terminate process {run.pid} with SIGTERM: VM {self.name} is "
                     f"still running after {limit:g} s; nothing was escalated"
@@ -518,26 +540,37 @@ class Machine:
     async def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send `sig` to every process of the scope and return at once.
 
-        A signal that may end QEMU is pending until QEMU ends or the stop timeout passes: only
-        an exit that signal caused (its exit signal, or QEMU's host-signal shutdown) counts as
-        `destroyed`; a signal QEMU ignores taints nothing that happens later.
+        A signal that may end QEMU is recorded beside whatever else is in progress (it cancels
+        no shutdown or reboot) until QEMU ends or the stop timeout passes, and it explains only
+        an exit it caused (its exit signal, or QEMU's host-signal shutdown): a signal QEMU
+        ignores taints nothing that happens later.
         """
         run = self._current(Operation.KILL)
-        asked = lifecycle.kill(sig, time.time())
-        if sig not in NON_TERMINATING_SIGNALS:
-            self.begin(run, asked)
+        since = time.time()
+        recorded = sig not in NON_TERMINATING_SIGNALS
+        if recorded:
+            self.set_pending(run, run.pending.with_kill(sig, since))
         try:
             await self._kill_unit(run, sig)
         except SvmError:
-            self.end(run, asked)
+            if recorded:
+                self.set_pending(run, run.pending.kill_expired(sig, since))
             raise
-        if run.pending == asked:
-            run.spawn(self.expire_kill(run, asked))
+        if recorded:
+            run.spawn(self.expire_kill(run, sig, since))
 
-    async def expire_kill(self, run: Run, asked: Pending) -> None:
-        """A kill QEMU survived for the stop timeout was not the end: stop expecting it."""
-        if not await run.settled_within(self.stop_timeout):
-            self.end(run, asked)
+    async def expire_kill(self, run: Run, sig: int, since: float) -> None:
+        """A kill QEMU outlived for the stop timeout no longer explains a later exit.
+
+        Except a termination signal: QEMU outlives one only while its main loop is wedged
+        (stopped, stuck in I/O), and acts on it when it recovers, as on a graceful destroy's.
+        """
+        remaining = since + self.stop_timeout - time.time()
+        if await run.settled_within(max(remaining, 0.0)):
+            return
+        if sig in QEMU_TERMINATION_SIGNALS:
+            run.sigterm_sent = True
+        self.set_pending(run, run.pending.kill_expired(sig, since))
 
     async def reboot(self) -> None:
         """Ask the guest to reboot (ACPI) and return once asked, like `virsh reboot`.
@@ -555,17 +588,24 @@ class Machine:
         async with self.lock:
             run = self._current(Operation.REBOOT)
             qmp = self._qmp(run)
+            if run.pending.op is PendingOp.SHUTDOWN and run.shutdown_waiters == 0:
+                # A shutdown nobody waits for any more (cut off by a daemon restart and
+                # pressed again): a reboot asked now replaces it.
+                self.end(run, run.pending)
             before = run.pending
             asked = lifecycle.reboot(time.time())
             self.begin(run, asked)
             try:
                 await qmp.execute("set-action", {"shutdown": "pause"})
                 await qmp.execute("system_powerdown")
-            except QmpError:
+            except QmpError as err:
                 if run.pending.op is PendingOp.REBOOT:
                     self.end(run, run.pending, restore=before)
                     with contextlib.suppress(QmpError):
                         await qmp.execute("set-action", {"shutdown": "poweroff"})
+                if isinstance(err, QmpDisconnected):
+                    await run.settled_within(self.ctx.settle_timeout)
+                    raise NotRunning(f"VM {self.name} stopped during reboot") from None
                 raise
 
     async def finish_reboot(self, run: Run) -> None:
@@ -584,6 +624,7 @@ class Machine:
                 log.warning("VM %s: reboot after the guest's power-off failed: %s", self.name, err)
                 return
             self.end(run, pending)
+            run.events_missed = False  # the power-off a previous daemon may have missed is done
             self.emit(EventType.REBOOTED)
 
     async def reset(self) -> None:
@@ -620,12 +661,15 @@ class Machine:
                 return
             run.note_shutdown_event(event)
         elif event.name == "STOP":
+            run.cpus_stopped = True
             if rebooting and run.pending.guest_off:
                 run.spawn(self.finish_reboot(run))
             elif self.state is State.RUNNING and run.shutdown_guest is None:
                 self.set_state(State.PAUSED, EventType.PAUSED)
-        elif event.name == "RESUME" and self.state is State.PAUSED:
-            self.set_state(State.RUNNING, EventType.RESUMED)
+        elif event.name == "RESUME":
+            run.cpus_stopped = False
+            if self.state is State.PAUSED:
+                self.set_state(State.RUNNING, EventType.RESUMED)
 
     def on_unit_event(self, event: UnitEvent) -> None:
         """systemd said something about this VM's scope."""
@@ -639,7 +683,7 @@ class Machine:
         reason = classify_exit(ended.facts)
         # A stop asked through the daemon is never undone by the restart policy (a kill only
         # when it caused the exit, and then the reason is `destroyed`, never restarted).
-        requested = ended.facts.pending.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY)
+        requested = ended.facts.pending.stopping
         await self.cleanup(reason, ended.info, ended.detail, run, requested=requested)
 
     async def cleanup(

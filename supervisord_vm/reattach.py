@@ -8,6 +8,7 @@ needs them, and finishing what was cut off — or settles the exit it missed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -15,7 +16,7 @@ import time
 
 from supervisord_vm.definition import Definition
 from supervisord_vm.errors import SvmError
-from supervisord_vm.lifecycle import Pending, PendingOp, classify_lost, classify_settled
+from supervisord_vm.lifecycle import NO_PENDING, Pending, PendingOp, classify_lost, classify_settled
 from supervisord_vm.machine import Machine
 from supervisord_vm.model import ExitInfo, Reason, State
 from supervisord_vm.run import Run
@@ -61,11 +62,15 @@ async def adopt(
             return False
         machine.running_definition = running_definition
         run = Run(machine.name, machine.unit, pid, None, started_at, pending=pending, pidfd=pidfd)
-        if unit is not None and unit.active_state == "deactivating" and not run.pending.stopping:
-            run.external_stop = True
         machine.run = run
         run.watch()
         run.spawn(machine.settle_when_ended(run))
+        # Unit signals reach the run from now on; what happened before is read now, since the
+        # list of scopes start-up began with may be seconds old.
+        with contextlib.suppress(SvmError):
+            unit = await machine.ctx.systemd.unit_status(machine.unit)
+        if unit is not None and unit.active_state == "deactivating" and not run.stop_is_ours():
+            run.external_stop = True
         machine.set_state(State.STARTING)
         socket_path = machine.ctx.runtime.qmp_socket(machine.name)
         status = ""
@@ -86,7 +91,11 @@ async def adopt(
             return True
         # A SHUTDOWN the previous daemon never saw may have come while QEMU no longer ran.
         run.events_missed = status not in ("running", "paused", "")
-        machine.save_record(run)
+        run.cpus_stopped = status not in ("running", "")
+        try:
+            machine.save_record(run)
+        except OSError as err:
+            log.error("VM %s: cannot write its runtime record: %s", machine.name, err)
         machine.set_state(State.RUNNING)
         if status == "paused":
             machine.set_state(State.PAUSED)
@@ -97,15 +106,17 @@ async def adopt(
                 log.info("VM %s: shutdown cut off by a daemon exit pressed again", machine.name)
             except SvmError as err:
                 log.warning("VM %s: cannot press the power button again: %s", machine.name, err)
-        if run.pending.op is PendingOp.KILL:
-            run.spawn(machine.expire_kill(run, run.pending))
+        if run.pending.signal:
+            run.spawn(machine.expire_kill(run, run.pending.signal, run.pending.signal_since))
     destroy = run.pending
     if destroy.op is PendingOp.DESTROY and destroy.mode is not None and not run.settled.done():
         log.info(
             "VM %s: completing the %s cut off by a daemon exit", machine.name, destroy.describe()
         )
         try:
-            await machine.destroy_run(run, destroy.mode, None)
+            # A graceful one that meets a QEMU surviving SIGTERM answers Busy as usual and
+            # leaves the VM running with nothing pending: nobody waits for it any more.
+            await machine.destroy_run(run, destroy.mode, None, before=NO_PENDING, resumed=destroy)
         except SvmError as err:
             log.warning(
                 "VM %s: completing the %s failed: %s", machine.name, destroy.describe(), err
@@ -151,7 +162,7 @@ async def settle_ended(
     """
     pending = pending or Pending()
     machine.running_definition = machine.definition
-    requested = pending.op in (PendingOp.SHUTDOWN, PendingOp.DESTROY, PendingOp.KILL)
+    requested = pending.stopping or bool(pending.signal)
     recorded = machine.reason is not Reason.NONE
     if started_at is not None and recorded and machine.exit.time >= started_at:
         await machine.cleanup(

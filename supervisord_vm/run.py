@@ -81,6 +81,8 @@ class Run:
     shutdown_reason: str = ""
     own_stop: OwnStop = OwnStop.NONE
     shutdown_waiters: int = 0  # callers waiting for the pending shutdown (each its own timeout)
+    press: asyncio.Future[None] | None = None  # the last power-button press: joiners share it
+    cpus_stopped: bool = False  # QEMU's last STOP/RESUME (or its status when adopted)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # --- watching ------------------------------------------------------------------------------
@@ -154,8 +156,9 @@ class Run:
                 self.stop_behind_ended_scope(stop_timeout)
 
     def stop_is_ours(self) -> bool:
-        """A stop of the scope now would be the daemon's doing (destroy, a failed start)."""
-        return self.pending.stopping or self.start_failed
+        """A stop of the scope now would be the daemon's doing (a stop, a kill, a failed
+        start)."""
+        return self.pending.stopping or bool(self.pending.signal) or self.start_failed
 
     def exited_if_dead(self) -> None:
         """Take an exit hint (unit ended, QMP EOF) as the exit once every thread is exiting.
@@ -245,6 +248,7 @@ class Run:
             exit_signal=exit_signal,
             exit_status=exit_status,
             events_missed=self.events_missed,
+            monitored=self.qmp is not None,
         )
         detail = [f"pid {self.pid}", f"result {result or 'unknown'}"]
         if self.shutdown_reason:

@@ -154,13 +154,14 @@ class Supervisor:
                     log.info("removed %s, left by an interrupted write", path)
             except OSError as err:
                 log.warning("cannot clean up temporary files in %s: %s", directory, err)
-        definitions, errors = self._definitions.load_all()
+        definitions, errors = await asyncio.to_thread(self._definitions.load_all)
         for message in errors:
             log.error("ignoring definition: %s", message)
         # A file that is there but broken is not an undefine: a running VM of that name is
         # reattached from its runtime record (whose definition becomes the one in effect), and
         # its exit record is kept for when the file is fixed.
-        self._broken_on_disk = self._definitions.names_on_disk() - definitions.keys()
+        on_disk = await asyncio.to_thread(self._definitions.names_on_disk)
+        self._broken_on_disk = on_disk - definitions.keys()
         for defn in definitions.values():
             self._machines[defn.name] = Machine(defn, self._ctx, transient=False)
         for name, (reason, exit_info) in self._state.load_exits().items():
@@ -196,7 +197,12 @@ class Supervisor:
         jobs += [
             self._reattach_scope(unit, status, by_unit.get(unit)) for unit, status in scopes.items()
         ]
-        await asyncio.gather(*(bounded(job) for job in jobs))
+        outcomes = await asyncio.gather(*(bounded(job) for job in jobs), return_exceptions=True)
+        for outcome in outcomes:  # one VM that cannot be taken over must not stop the others
+            if isinstance(outcome, Exception):
+                log.error("reattach failed", exc_info=outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def _reattach_scope(self, unit: str, status: UnitStatus, machine: Machine | None) -> None:
         """A scope with no runtime record: adopt its QEMU, settle it, or stop an orphan."""
@@ -624,9 +630,10 @@ class Supervisor:
         VM's last good definition in effect: the problem is in `errors`, the VM is not removed.
         Only a file that is gone removes its VM (a running one becomes transient).
         """
-        async with self._audit("reload", "*", caller):
-            definitions, errors = self._definitions.load_all()
-            on_disk = self._definitions.names_on_disk()
+        async with self._audit("reload", "*", caller), self._definitions_lock:
+            # Reading every file (and NFS-mounted /etc on some hosts) is not for the event loop.
+            definitions, errors = await asyncio.to_thread(self._definitions.load_all)
+            on_disk = await asyncio.to_thread(self._definitions.names_on_disk)
             added: list[str] = []
             removed: list[str] = []
             changed: list[str] = []

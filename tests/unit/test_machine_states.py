@@ -15,6 +15,7 @@ from supervisord_vm.lifecycle import (
     ExitFacts,
     Operation,
     Pending,
+    PendingOp,
     check_operation,
     check_transition,
     classify_exit,
@@ -25,6 +26,12 @@ from supervisord_vm.model import DestroyMode, Reason, State
 from supervisord_vm.supervisor import MESSAGE_IDS, RESTART_AFTER
 
 SHUTDOWN = lifecycle.shutdown(1.0)
+
+
+def kill(sig: int, since: float) -> Pending:
+    return NO_PENDING.with_kill(sig, since)
+
+
 DESTROY = lifecycle.destroy(DestroyMode.DEFAULT, 1.0)
 
 
@@ -167,7 +174,7 @@ def test_classify_lost(result: str, reason: Reason) -> None:
         (DESTROY, "timeout", Reason.DESTROYED),
         (lifecycle.destroy(DestroyMode.GRACEFUL, 1.0), "success", Reason.DESTROYED),
         (lifecycle.destroy(DestroyMode.FORCE, 1.0), "signal", Reason.DESTROYED),
-        (lifecycle.kill(9, 1.0), "success", Reason.DESTROYED),
+        (kill(9, 1.0), "success", Reason.DESTROYED),
         (SHUTDOWN, "", Reason.SHUTDOWN),
         (SHUTDOWN, "success", Reason.SHUTDOWN),
         (SHUTDOWN, "oom-kill", Reason.CRASHED),
@@ -193,14 +200,22 @@ def test_adopted_shutdown_without_its_event_is_classified_from_the_result() -> N
     assert classify_exit(facts) is Reason.STOPPED_EXTERNALLY
 
 
+def test_a_busy_graceful_destroys_sigterm_explains_an_unmonitored_exit() -> None:
+    """Reattached without QMP (QEMU was wedged): no event can tell, and the SIGTERM we sent
+    is what a wedged QEMU acts on when it recovers."""
+    assert classify_exit(ExitFacts(sigterm_sent=True, monitored=False)) is Reason.DESTROYED
+    assert classify_exit(ExitFacts(sigterm_sent=True)) is Reason.CRASHED
+    assert classify_exit(ExitFacts(monitored=False)) is Reason.CRASHED
+
+
 @pytest.mark.parametrize(
     ("facts", "reason"),
     [
         # the signal ended QEMU: its own exit signal, or QEMU's host-signal shutdown
-        (ExitFacts(pending=lifecycle.kill(9, 1.0), exit_signal=9), Reason.DESTROYED),
+        (ExitFacts(pending=kill(9, 1.0), exit_signal=9), Reason.DESTROYED),
         (
             ExitFacts(
-                pending=lifecycle.kill(15, 1.0),
+                pending=kill(15, 1.0),
                 shutdown_guest=False,
                 shutdown_reason="host-signal",
                 exit_status=0,
@@ -208,11 +223,11 @@ def test_adopted_shutdown_without_its_event_is_classified_from_the_result() -> N
             Reason.DESTROYED,
         ),
         # a reattached QEMU (no exit status) that ended with no event: the kill did it
-        (ExitFacts(pending=lifecycle.kill(9, 1.0)), Reason.DESTROYED),
+        (ExitFacts(pending=kill(9, 1.0)), Reason.DESTROYED),
         # QEMU survived the signal and the guest powered off later
         (
             ExitFacts(
-                pending=lifecycle.kill(10, 1.0),
+                pending=kill(10, 1.0),
                 shutdown_guest=True,
                 shutdown_reason="guest-shutdown",
                 exit_status=0,
@@ -220,11 +235,11 @@ def test_adopted_shutdown_without_its_event_is_classified_from_the_result() -> N
             Reason.SHUTDOWN,
         ),
         # another signal, or an error exit, is not the kill's doing
-        (ExitFacts(pending=lifecycle.kill(10, 1.0), exit_signal=11), Reason.CRASHED),
-        (ExitFacts(pending=lifecycle.kill(10, 1.0), exit_status=1), Reason.CRASHED),
+        (ExitFacts(pending=kill(10, 1.0), exit_signal=11), Reason.CRASHED),
+        (ExitFacts(pending=kill(10, 1.0), exit_status=1), Reason.CRASHED),
         (
             ExitFacts(
-                pending=lifecycle.kill(10, 1.0),
+                pending=kill(10, 1.0),
                 shutdown_guest=False,
                 shutdown_reason="host-signal",
                 exit_status=0,
@@ -252,16 +267,11 @@ def test_destroys_are_only_escalated_never_weakened() -> None:
 
 def test_pending_operations_replace_join_or_refuse() -> None:
     reboot = lifecycle.reboot(1.0)
-    kill = lifecycle.kill(10, 2.0)
     assert NO_PENDING.begin(SHUTDOWN) == SHUTDOWN
     assert SHUTDOWN.begin(lifecycle.shutdown(9.0)) == SHUTDOWN  # joins
     assert reboot.begin(SHUTDOWN) == SHUTDOWN  # a shutdown cancels the reboot
     assert reboot.begin(DESTROY) == DESTROY
     assert SHUTDOWN.begin(DESTROY) == DESTROY
-    assert SHUTDOWN.begin(kill) == SHUTDOWN  # the stop in progress explains the exit
-    assert DESTROY.begin(kill) == DESTROY
-    assert NO_PENDING.begin(kill) == kill
-    assert kill.begin(reboot) == reboot
     with pytest.raises(InvalidState):
         DESTROY.begin(SHUTDOWN)
     with pytest.raises(InvalidState):
@@ -270,12 +280,26 @@ def test_pending_operations_replace_join_or_refuse() -> None:
         DESTROY.begin(reboot)
 
 
+def test_a_kill_sits_beside_the_operation_and_cancels_none() -> None:
+    reboot = lifecycle.reboot(1.0)
+    assert SHUTDOWN.with_kill(9, 2.0).op is PendingOp.SHUTDOWN
+    assert reboot.with_kill(13, 2.0).begin(DESTROY) == DESTROY.with_kill(13, 2.0)
+    assert kill(10, 2.0).begin(reboot) == reboot.with_kill(10, 2.0)
+    # the operation ending keeps the kill; the kill expiring keeps the operation
+    assert SHUTDOWN.with_kill(9, 2.0).end(SHUTDOWN) == kill(9, 2.0)
+    assert SHUTDOWN.with_kill(9, 2.0).kill_expired(9, 2.0) == SHUTDOWN
+    # only that very kill expires, not a later one with the same signal
+    assert kill(9, 3.0).kill_expired(9, 2.0) == kill(9, 3.0)
+    assert not kill(9, 2.0).stopping
+
+
 def test_pending_operation_json_round_trip_and_old_stop_intents() -> None:
     for pending in (
         NO_PENDING,
         SHUTDOWN,
         DESTROY,
-        lifecycle.kill(34, 5.0),
+        kill(34, 5.0),
+        SHUTDOWN.with_kill(15, 6.0),
         replace(lifecycle.reboot(1.0), guest_off=True),
     ):
         assert Pending.from_json(pending.to_json()) == pending

@@ -269,7 +269,8 @@ def test_runtime_store_pending_operation_round_trip(tmp_path: Path) -> None:
         lifecycle.destroy(DestroyMode.GRACEFUL, 1700000001.5),
         lifecycle.shutdown(1.0),
         dataclasses.replace(lifecycle.reboot(2.0), guest_off=True),
-        lifecycle.kill(10, 3.0),
+        lifecycle.NO_PENDING.with_kill(10, 3.0),
+        lifecycle.shutdown(4.0).with_kill(9, 5.0),
     ]
     for pending in cases:
         record_with = dataclasses.replace(record("a"), pending=pending)
