@@ -25,6 +25,7 @@ from supervisord_vm.definition import (
 from supervisord_vm.errors import InvalidDefinition
 from supervisord_vm.lifecycle import NO_PENDING, Pending
 from supervisord_vm.model import ExitInfo, Reason
+from supervisord_vm.unitname import scope_name
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,10 @@ def _record_from_json(data: object) -> RuntimeRecord:
     assert isinstance(transient, bool) and isinstance(toml, str)
     if not 0 <= pid < _PID_LIMIT:  # 0: the start was cut off before QEMU's PID was known
         raise ValueError("field 'pid' is out of range")
+    # Reattach looks the scope up by this field: another name would leave the VM's own scope
+    # to the orphan path while the record's run is settled as ended (two exits, VM stopped).
+    if unit != scope_name(name):
+        raise ValueError(f"field 'unit' is not the scope of VM {name!r}")
     # Optional: records of earlier versions carry a stop intent string, or nothing.
     if "pending" in data:
         try:

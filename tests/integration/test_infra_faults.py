@@ -430,6 +430,7 @@ RECORD_CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "nested": (nested, "unusable runtime record: nested too deeply to be a record"),
     "wrong_type": (with_field("pid", "1234"), "unusable runtime record: field 'pid' has the wrong"),
     "huge_number": (with_field("started_at", 10**400), "field 'started_at' is out of range"),
+    "other_unit": (with_field("unit", "svm-if_other.scope"), "field 'unit' is not the scope of"),
     "unknown_pending": (
         with_field("pending", {"op": "explode", "since": 1.0}),
         "unusable runtime record: field 'pending.op' is not a known operation",
