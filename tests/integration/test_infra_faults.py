@@ -1,8 +1,9 @@
 """Faults of the host's infrastructure under the installed service: the system bus restarting,
 one of the daemon's bus connections dropped, systemd re-executing or reloading — while VMs run
-and while operations are in flight. Whatever happens, the daemon answers again, no VM is lost or
-duplicated, every state agrees with systemd, and later exits are still recorded with the right
-reason.
+and while operations are in flight — a full definitions directory, and corrupt records or temp
+files of interrupted writes found at start-up. Whatever happens, the daemon answers again, no VM
+is lost or duplicated, every state agrees with systemd, and later exits are still recorded with
+the right reason.
 
 SVM_INFRA_REPEAT=N repeats the bus restart N times (default 3); each repetition prints how long
 the daemon took to answer again.
