@@ -62,6 +62,8 @@ async def adopt(
             return False
         machine.running_definition = running_definition
         run = Run(machine.name, machine.unit, pid, None, started_at, pending=pending, pidfd=pidfd)
+        # Until QEMU is seen running, a SHUTDOWN it sent while no daemon listened may be unseen.
+        run.events_missed = True
         machine.run = run
         run.watch()
         run.spawn(machine.settle_when_ended(run))
@@ -89,8 +91,8 @@ async def adopt(
             run.start_failed = starting and run.qmp is None
             await run.settled_within(None)  # settled before start-up says it is ready
             return True
-        # A SHUTDOWN the previous daemon never saw may have come while QEMU no longer ran.
-        run.events_missed = status not in ("running", "paused", "")
+        # QEMU runs on: its SHUTDOWN, if any, is still to come and will be seen.
+        run.events_missed = status not in ("running", "paused")
         run.cpus_stopped = status not in ("running", "")
         try:
             machine.save_record(run)

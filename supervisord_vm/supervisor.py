@@ -264,6 +264,18 @@ class Supervisor:
         # holds QEMU (or the spawn trampoline, which exits by itself) if it got that far.
         starting = record.pid == 0
         pid = min(pids) if starting and pids else record.pid
+        if pids and pid not in pids:
+            # The record names another process than the scope holds (a damaged record): the
+            # scope is the truth about what runs, and a running VM is never stopped for that.
+            log.warning(
+                "VM %s: its runtime record names pid %d, but %s holds %s; adopting pid %d",
+                record.name,
+                record.pid,
+                record.unit,
+                pids,
+                min(pids),
+            )
+            pid = min(pids)
         try:
             if pid in pids:
                 alive = await reattach.adopt(

@@ -480,6 +480,28 @@ def test_unusable_runtime_record_is_reported_and_the_running_vm_reattached_from_
     no_failed_units()
 
 
+def test_a_record_naming_another_pid_than_its_scope_holds_adopts_the_scopes_qemu(
+    vms: Callable[..., str],
+) -> None:
+    """A record that loads but names a process outside the scope: the scope is the truth about
+    what runs; the VM is adopted, never stopped for a damaged record."""
+    name = vms("if_rec_pid_elsewhere")
+    pid = status(name)["pid"]
+    record = RUNTIME_DIR / f"{name}.json"
+    record.write_bytes(with_field("pid", 1)(record.read_bytes()))
+    qemus = qemu_pids()
+    cursor = restart_service()
+    journal_says(cursor, f"VM {name}: its runtime record names pid 1, but ")
+    journal_says(cursor, f"VM {name}: reattached to pid {pid}")
+    info = agrees_with_systemd(name)
+    assert info["state"] == "running" and info["pid"] == pid, info
+    assert qemu_pids() == qemus
+    assert json.loads(record.read_bytes())["pid"] == pid
+    assert svm("destroy", name).returncode == 0
+    assert agrees_with_systemd(name)["reason"] == "destroyed"
+    no_failed_units()
+
+
 @pytest.mark.parametrize("corruption", sorted(EXIT_CORRUPTIONS))
 def test_unusable_exit_record_is_reported_and_the_next_exit_recorded(
     vms: Callable[..., str], corruption: str
