@@ -131,6 +131,9 @@ class Pending:
     mode: DestroyMode | None = None  # DESTROY only
     since: float = 0.0  # when the operation began (seconds since the epoch)
     guest_off: bool = False  # REBOOT only: the guest powered off, QEMU waits paused for a reset
+    # SHUTDOWN only: when a caller's `--then-destroy` ends the VM if it has not powered off
+    # (0: nobody asked); kept so that a restarted daemon keeps that promise.
+    destroy_at: float = 0.0
     signal: int = 0  # a kill's signal that may still end QEMU (0: none)
     signal_since: float = 0.0
 
@@ -184,9 +187,21 @@ class Pending:
             return self
         return dataclasses.replace(self, signal=0, signal_since=0.0)
 
+    def destroy_by(self, deadline: float) -> Pending:
+        """A waiting shutdown's caller will destroy the VM at `deadline` (the earliest counts)."""
+        if self.op is not PendingOp.SHUTDOWN:
+            return self
+        earliest = min(deadline, self.destroy_at) if self.destroy_at else deadline
+        return dataclasses.replace(self, destroy_at=earliest)
+
     def _with_op(self, other: Pending) -> Pending:
         return dataclasses.replace(
-            self, op=other.op, mode=other.mode, since=other.since, guest_off=other.guest_off
+            self,
+            op=other.op,
+            mode=other.mode,
+            since=other.since,
+            guest_off=other.guest_off,
+            destroy_at=other.destroy_at,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -195,6 +210,7 @@ class Pending:
             "mode": str(self.mode) if self.mode is not None else "",
             "since": self.since,
             "guest_off": self.guest_off,
+            "destroy_at": self.destroy_at,
             "signal": self.signal,
             "signal_since": self.signal_since,
         }
@@ -207,16 +223,19 @@ class Pending:
         op, mode, sig = data.get("op", ""), data.get("mode", ""), data.get("signal", 0)
         since, guest_off = data.get("since", 0.0), data.get("guest_off", False)
         signal_since = data.get("signal_since", 0.0)
+        destroy_at = data.get("destroy_at", 0.0)
         if not isinstance(op, str) or op not in set(PendingOp):
             raise ValueError("field 'pending.op' is not a known operation")
         if not isinstance(mode, str) or (mode and mode not in set(DestroyMode)):
             raise ValueError("field 'pending.mode' is not a destroy mode")
         if isinstance(sig, bool) or not isinstance(sig, int) or not 0 <= sig < 128:
             raise ValueError("field 'pending.signal' is not a signal number")
-        for key, value in (("since", since), ("signal_since", signal_since)):
+        times = (("since", since), ("signal_since", signal_since), ("destroy_at", destroy_at))
+        for key, value in times:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"field 'pending.{key}' has the wrong type")
         assert isinstance(since, int | float) and isinstance(signal_since, int | float)
+        assert isinstance(destroy_at, int | float)
         if not isinstance(guest_off, bool):
             raise ValueError("field 'pending.guest_off' has the wrong type")
         kind = PendingOp(op)
@@ -227,6 +246,7 @@ class Pending:
             DestroyMode(mode) if mode else None,
             float(since),
             guest_off,
+            float(destroy_at),
             sig,
             float(signal_since),
         )

@@ -389,12 +389,16 @@ class Machine:
         shutdown joins this one (each caller with its own timeout; the VM goes back to
         running only when the last waiting caller gives up).
         """
+        # Persisted with the shutdown: a restarted daemon still destroys the VM at this deadline.
+        deadline = time.time() + timeout if then_destroy and timeout is not None else 0.0
         run = self._run_to_shut_down()
         if run.pending.op is not PendingOp.SHUTDOWN:
             async with self.lock:
                 run = self._run_to_shut_down()  # again: it may have changed meanwhile
                 if run.pending.op is not PendingOp.SHUTDOWN:
-                    await self._press_power_button(run)
+                    await self._press_power_button(run, deadline)
+        if deadline and run.pending.op is PendingOp.SHUTDOWN:
+            self.set_pending(run, run.pending.destroy_by(deadline))  # joined: the earliest
         if run.press is not None:
             await asyncio.shield(run.press)  # a press in flight, or failed: share its outcome
         run.shutdown_waiters += 1
@@ -414,17 +418,30 @@ class Machine:
             f"VM {self.name} did not power off within {timeout:g} s; it is still running"
         )
 
+    async def destroy_at_deadline(self, run: Run) -> None:
+        """Keep a `--then-destroy` promise a previous daemon made: destroy the VM if it has not
+        powered off by the recorded deadline (the shutdown still pending)."""
+        deadline = run.pending.destroy_at
+        if await run.settled_within(max(deadline - time.time(), 0.0)):
+            return
+        if run.pending.op is PendingOp.SHUTDOWN and run.pending.destroy_at == deadline:
+            log.info("VM %s: not powered off by its shutdown's deadline: destroying it", self.name)
+            with contextlib.suppress(SvmError):
+                await self.destroy_run(run, DestroyMode.DEFAULT, None)
+
     def _run_to_shut_down(self) -> Run:
         run = self._current(Operation.SHUTDOWN)
         if run.pending.op is not PendingOp.SHUTDOWN and self.state is State.STOPPING:
             raise InvalidState(f"cannot shut down VM {self.name}: it is being destroyed")
         return run
 
-    async def _press_power_button(self, run: Run) -> None:
+    async def _press_power_button(self, run: Run, destroy_at: float) -> None:
         """Begin a shutdown: the intent first, then the button (bounded by QMP's timeout)."""
         qmp = self._qmp(run)
         before = run.pending
         asked = lifecycle.shutdown(time.time())
+        if destroy_at:
+            asked = asked.destroy_by(destroy_at)
         press: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         run.press = press
         self.begin(run, asked)

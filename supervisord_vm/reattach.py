@@ -108,6 +108,8 @@ async def adopt(
                 log.info("VM %s: shutdown cut off by a daemon exit pressed again", machine.name)
             except SvmError as err:
                 log.warning("VM %s: cannot press the power button again: %s", machine.name, err)
+        if run.pending.op is PendingOp.SHUTDOWN and run.pending.destroy_at:
+            run.spawn(machine.destroy_at_deadline(run))
         if run.pending.signal:
             run.spawn(machine.expire_kill(run, run.pending.signal, run.pending.signal_since))
     destroy = run.pending

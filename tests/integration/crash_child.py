@@ -128,6 +128,8 @@ async def operate(supervisor: Supervisor, op: str, arg: str) -> None:
     elif op == "kill-pipe":  # a signal QEMU ignores: pending until the stop timeout passes
         await supervisor.kill(arg, signal.SIGPIPE)
         await asyncio.sleep(3600)
+    elif op == "shutdown-then-destroy":  # a deaf guest: the deadline passes, it is destroyed
+        await supervisor.shutdown(arg, timeout=3, then_destroy=True)
     elif op == "shutdown":
         await supervisor.shutdown(arg, timeout=20)
     elif op == "crash":  # QEMU dies under the daemon; the daemon settles the exit

@@ -322,3 +322,24 @@ def test_a_wedged_qemu_does_not_hold_up_reattaching_the_others() -> None:
         await supervisor.undefine("fine2")
 
     run(body)
+
+
+def test_a_then_destroy_deadline_is_kept_by_the_next_daemon() -> None:
+    """`shutdown --timeout 3 --then-destroy` cut off by a daemon kill: the next daemon destroys
+    the VM that ignores the power button once the deadline passes."""
+
+    async def body(env: Env) -> None:
+        pid = await started(env, "std1", "deaf")
+        await env.supervisor.close()
+        case = Case("shutdown-then-destroy", "std1", "after:powerdown")
+        assert not await run_child(env, case, "std1")
+        assert pending_of(env, "std1")["destroy_at"] != 0.0
+        mark = len(env.events.events)
+        supervisor = await env.new_supervisor()
+        assert supervisor.get_machine("std1").pid == pid
+        stopped = await env.events.stopped("std1", start=mark)
+        assert stopped.reason is Reason.DESTROYED
+        await wait_gone(pid)
+        await supervisor.undefine("std1")
+
+    run(body)

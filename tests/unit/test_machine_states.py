@@ -293,6 +293,15 @@ def test_a_kill_sits_beside_the_operation_and_cancels_none() -> None:
     assert not kill(9, 2.0).stopping
 
 
+def test_a_then_destroy_deadline_belongs_to_its_shutdown() -> None:
+    assert SHUTDOWN.destroy_by(9.0).destroy_by(5.0).destroy_at == 5.0  # the earliest counts
+    assert SHUTDOWN.destroy_by(5.0).destroy_by(9.0).destroy_at == 5.0
+    assert NO_PENDING.destroy_by(5.0) == NO_PENDING
+    # a destroy that takes over, or the shutdown ending, drops the deadline with it
+    assert SHUTDOWN.destroy_by(5.0).begin(DESTROY).destroy_at == 0.0
+    assert SHUTDOWN.destroy_by(5.0).end(SHUTDOWN).destroy_at == 0.0
+
+
 def test_pending_operation_json_round_trip_and_old_stop_intents() -> None:
     for pending in (
         NO_PENDING,
@@ -300,6 +309,7 @@ def test_pending_operation_json_round_trip_and_old_stop_intents() -> None:
         DESTROY,
         kill(34, 5.0),
         SHUTDOWN.with_kill(15, 6.0),
+        SHUTDOWN.destroy_by(7.0),
         replace(lifecycle.reboot(1.0), guest_off=True),
     ):
         assert Pending.from_json(pending.to_json()) == pending
