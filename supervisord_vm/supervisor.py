@@ -1,8 +1,9 @@
 """All VMs: the registry, reattach after a daemon restart, autostart, restart policy, events.
 
 The Supervisor is the core's one entry point for the D-Bus adapter: it finds the Machine, writes
-the audit record, and turns every Machine event into one fan-out (callbacks, a bounded ring of
-recent events, and a structured journal entry).
+the audit record, and turns every Machine event into one fan-out (callbacks, bounded rings of
+recent events, and a structured journal entry). Its per-event work does not grow with the number
+of VMs: unit signals find their VM by unit name, and each VM keeps its own bounded history.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ from supervisord_vm.systemd import Systemd, UnitEvent, UnitStatus
 log = logging.getLogger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-RECENT_EVENTS = 1000
+RECENT_EVENTS = 1000  # the newest events of all VMs together (GetEvents(""))
+# Each VM's own newest events, kept apart so that a busy VM never evicts a quiet one's history;
+# dropped when the VM is forgotten, so memory stays bounded by the VMs that exist.
+RECENT_EVENTS_PER_VM = 100
 # VMs reattached or autostarted at once: each makes a few systemd and QMP calls at a time.
 REATTACH_CONCURRENCY = 16
 
@@ -128,9 +132,13 @@ class Supervisor:
             log_limit=log_limit,
         )
         self._log_bounder = qemu_log.LogBounder(paths.log_dir, log_limit)
+        # Every VM by name and by scope unit; changed only through _add and _forget.
         self._machines: dict[str, Machine] = {}
+        self._by_unit: dict[str, Machine] = {}
         self._subscribers: list[Callable[[MachineEvent], None]] = []
+        self._registry_watchers: list[Callable[[str], None]] = []
         self._recent: collections.deque[MachineEvent] = collections.deque(maxlen=RECENT_EVENTS)
+        self._recent_by_vm: dict[str, collections.deque[MachineEvent]] = {}
         self._restart_history: dict[str, collections.deque[float]] = {}
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._unsubscribe_units: Callable[[], None] | None = None
@@ -163,7 +171,7 @@ class Supervisor:
         on_disk = await asyncio.to_thread(self._definitions.names_on_disk)
         self._broken_on_disk = on_disk - definitions.keys()
         for defn in definitions.values():
-            self._machines[defn.name] = Machine(defn, self._ctx, transient=False)
+            self._add(Machine(defn, self._ctx, transient=False))
         for name, (reason, exit_info) in self._state.load_exits().items():
             if name in self._machines:
                 self._machines[name].restore_exit(reason, exit_info)
@@ -193,9 +201,9 @@ class Supervisor:
             self._reattach_record(record, scopes.pop(record.unit, None))
             for record in records.values()
         ]
-        by_unit = {machine.unit: machine for machine in self._machines.values()}
         jobs += [
-            self._reattach_scope(unit, status, by_unit.get(unit)) for unit, status in scopes.items()
+            self._reattach_scope(unit, status, self._by_unit.get(unit))
+            for unit, status in scopes.items()
         ]
         outcomes = await asyncio.gather(*(bounded(job) for job in jobs), return_exceptions=True)
         for outcome in outcomes:  # one VM that cannot be taken over must not stop the others
@@ -250,7 +258,7 @@ class Supervisor:
                     record.name,
                 )
             machine = Machine(running_defn, self._ctx, transient=not defined)
-            self._machines[record.name] = machine
+            self._add(machine)
         alive = False
         pids: list[int] = []
         if _is_alive(status):
@@ -339,6 +347,42 @@ class Supervisor:
             await machine.detach()
         await self._log_bounder.close()
 
+    # --- the registry -------------------------------------------------------------------------
+
+    def _add(self, machine: Machine) -> None:
+        """Register a VM under its name and its scope unit, which unit signals are matched by."""
+        self._machines[machine.name] = machine
+        self._by_unit[machine.unit] = machine
+        self._registry_changed(machine.name)
+
+    def _forget(self, name: str) -> None:
+        """Drop a VM from the registry, with its unit entry and its event history."""
+        machine = self._machines.pop(name)
+        if self._by_unit.get(machine.unit) is machine:
+            del self._by_unit[machine.unit]
+        self._recent_by_vm.pop(name, None)
+        self._registry_changed(name)
+
+    def watch_registry(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(name)`` whenever VM ``name`` is added or forgotten, or its definition
+        or transience changes without an event of its own (a reload, an undefine of a running
+        VM): with the events, this is everything a mirror of one VM needs to stay in step, so
+        nobody has to rescan every VM per change."""
+        self._registry_watchers.append(callback)
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._registry_watchers.remove(callback)
+
+        return unwatch
+
+    def _registry_changed(self, name: str) -> None:
+        for callback in list(self._registry_watchers):
+            try:
+                callback(name)
+            except Exception:
+                log.exception("registry watcher failed")
+
     # --- reading --------------------------------------------------------------------------------
 
     def _get(self, name: str) -> Machine:
@@ -400,11 +444,22 @@ class Supervisor:
         return unsubscribe
 
     def recent_events(self, name: str | None = None) -> list[MachineEvent]:
-        return [e for e in self._recent if name is None or e.name == name]
+        """The newest events of VM ``name`` (up to RECENT_EVENTS_PER_VM), or of all VMs (up to
+        RECENT_EVENTS), oldest first."""
+        if name is None:
+            return list(self._recent)
+        return list(self._recent_by_vm.get(name, ()))
 
     def _emit(self, event: MachineEvent) -> None:
         self._recent.append(event)
-        unit = self._machines[event.name].unit if event.name in self._machines else ""
+        machine = self._machines.get(event.name)
+        if machine is not None:  # a VM already forgotten gets no history it could not shed
+            ring = self._recent_by_vm.get(event.name)
+            if ring is None:
+                ring = collections.deque(maxlen=RECENT_EVENTS_PER_VM)
+                self._recent_by_vm[event.name] = ring
+            ring.append(event)
+        unit = machine.unit if machine is not None else ""
         text = f"VM {event.name} {event.event}"
         if event.reason and event.event is EventType.STOPPED:
             text += f" ({event.reason})"
@@ -429,9 +484,9 @@ class Supervisor:
                 log.exception("event subscriber failed")
 
     def _on_unit_event(self, event: UnitEvent) -> None:
-        for machine in self._machines.values():
-            if machine.unit == event.unit:
-                machine.on_unit_event(event)
+        machine = self._by_unit.get(event.unit)
+        if machine is not None:
+            machine.on_unit_event(event)
 
     # --- exits and restart policy ---------------------------------------------------------------
 
@@ -440,7 +495,7 @@ class Supervisor:
         if self._schedule_restart(machine, reason):
             return
         if machine.transient and self._machines.get(name) is machine:
-            del self._machines[name]
+            self._forget(name)
             self._restart_history.pop(name, None)
             self._state.remove_exit(name)
 
@@ -534,7 +589,7 @@ class Supervisor:
             machine = self._machines.get(defn.name)
             if machine is None:
                 machine = Machine(defn, self._ctx, transient=False)
-                self._machines[defn.name] = machine
+                self._add(machine)
             else:
                 machine.definition = defn
                 machine.set_transient(False)
@@ -554,11 +609,12 @@ class Supervisor:
                 return  # forgotten meanwhile (a transient run ended): nothing more to do
             machine.emit(EventType.UNDEFINED)
             if machine.state is State.SHUTOFF:
-                del self._machines[name]
+                self._forget(name)
                 self._restart_history.pop(name, None)
                 self._state.remove_exit(name)
             else:
                 machine.set_transient(True)
+                self._registry_changed(name)
 
     async def create(self, toml_text: str, caller: Caller | None = None) -> MachineInfo:
         """Start a transient VM (no definition file); it is forgotten when it stops."""
@@ -567,7 +623,7 @@ class Supervisor:
             if defn.name in self._machines:
                 raise MachineExists(f"a VM named {defn.name!r} already exists")
             machine = Machine(defn, self._ctx, transient=True)
-            self._machines[defn.name] = machine
+            self._add(machine)
             await machine.start()
             return machine.info()
 
@@ -652,7 +708,7 @@ class Supervisor:
             for name, defn in definitions.items():
                 machine = self._machines.get(name)
                 if machine is None:
-                    self._machines[name] = Machine(defn, self._ctx, transient=False)
+                    self._add(Machine(defn, self._ctx, transient=False))
                     added.append(name)
                 elif machine.transient:
                     machine.definition = defn
@@ -661,6 +717,7 @@ class Supervisor:
                 elif machine.definition != defn:
                     machine.definition = defn
                     changed.append(name)
+                    self._registry_changed(name)
             for name, machine in list(self._machines.items()):
                 if machine.transient or name in definitions:
                     continue
@@ -670,10 +727,11 @@ class Supervisor:
                 removed.append(name)
                 self._cancel_restart(name)
                 if machine.state is State.SHUTOFF:
-                    del self._machines[name]
+                    self._forget(name)
                     self._state.remove_exit(name)
                 else:
                     machine.set_transient(True)
+                    self._registry_changed(name)
             for name in added:
                 self._machines[name].emit(EventType.DEFINED)
             return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
