@@ -55,6 +55,35 @@ reliability: venv
 		tests/integration/test_infra_faults.py tests/integration/test_hostile_input.py \
 		tests/integration/test_pending_operations.py
 
+# --- benchmarks (issue 8; bench/RESULTS.md) -------------------------------------------------------
+# make bench [BENCH_ARGS="--runs 30 --counts 100,250,500"]   figures into bench/RESULTS.md (minutes)
+# make bench-smoke   the same code with 3 VMs and 3 runs: fails on errors, never on numbers
+# libvirt, the baseline, is installed on the host (the sandbox boots the host's root) and, when
+# this installs it, disabled there again, so that other sandboxes do not boot it; the bench
+# starts it itself. matplotlib (the plot) and py-spy come from the `bench` extra.
+BENCH_APT_PACKAGES := libvirt-daemon-system libvirt-clients
+LIBVIRT_UNITS := libvirtd.service libvirt-guests.service libvirtd.socket libvirtd-ro.socket \
+	libvirtd-admin.socket virtlogd.socket virtlogd-admin.socket virtlockd.socket virtlockd-admin.socket
+BENCH_RUN = $(VENV)/bin/python -m tests.sandbox --exec $(CURDIR)/$(VENV)/bin/python -m bench.run
+
+.PHONY: bench bench-smoke bench-deps
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench-deps: venv $(VENV)/.bench-installed
+	@if ! dpkg-query -W -f='$${Status}\n' libvirt-daemon-system 2>/dev/null | grep -q '^install ok installed'; then \
+		$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_APT_PACKAGES)" && \
+		systemctl disable --quiet $(LIBVIRT_UNITS); \
+	fi
+
+bench: bench-deps
+	SVM_BENCH_OTHER_SANDBOXES=$$(pgrep -c -x systemd-nspawn) $(BENCH_RUN) $(BENCH_ARGS)
+
+bench-smoke: bench-deps
+	$(BENCH_RUN) --smoke
+
 # --- install / uninstall (issue 4) ------------------------------------------------------------
 # make install [DESTDIR=/staging] [PREFIX=/usr/local] [WHEELHOUSE=dir-of-wheels]
 # The service runs on Debian's /usr/bin/python3 in its own venv (PEP 668): $(LIBDIR)/venv holds
