@@ -1,10 +1,12 @@
 """The D-Bus face of the supervisor: org.supervisordvm1 on the system bus (sdbus).
 
 Modelled on org.freedesktop.machine1: one Manager object that takes VM names, and one object per
-VM whose properties follow the VM (with PropertiesChanged). This module only translates: bus
-calls become Supervisor calls, core exceptions become one error name each, core events become
-signals. It authorizes every changing call from the caller's credentials (root or group
-supervisord-vm) and audits it in the journal; reading is open to everyone.
+VM whose properties follow the VM (with PropertiesChanged). The Manager is also the VM objects'
+org.freedesktop.DBus.ObjectManager, so one GetManagedObjects call reads every VM's properties
+(svmctl list) and InterfacesAdded/InterfacesRemoved announce VMs coming and going. This module
+only translates: bus calls become Supervisor calls, core exceptions become one error name each,
+core events become signals. It authorizes every changing call from the caller's credentials
+(root or group supervisord-vm) and audits it in the journal; reading is open to everyone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sdbus import (
     DbusFailedError,
     DbusInterfaceCommonAsync,
+    DbusObjectManagerInterfaceAsync,
     DbusPropertyEmitsChangeFlag,
     DbusUnprivilegedFlag,
     SdBus,
@@ -30,6 +33,7 @@ from sdbus import (
     encode_object_path,
     get_current_message,
 )
+from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
 from supervisord_vm import errors, journal
 from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
@@ -37,8 +41,6 @@ from supervisord_vm.shutdown_all import shutdown_all
 from supervisord_vm.signals import signal_number
 
 if TYPE_CHECKING:
-    from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
-
     from supervisord_vm.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -375,13 +377,20 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
         self.path = machine_path(info.name)
         self._handle: DbusExportHandle | None = None
 
-    def export(self, bus: SdBus) -> None:
-        self._handle = self.export_to_dbus(self.path, bus)
+    def export(self, manager: ManagerObject, bus: SdBus) -> None:
+        """Export under the manager: InterfacesAdded announces it with all its properties."""
+        self._handle = manager.export_with_manager(self.path, self, bus)
 
     def unexport(self) -> None:
-        if self._handle is not None:
-            self._handle.stop()
-            self._handle = None
+        """InterfacesRemoved, then the object goes (also when the bus is already gone)."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            handle.stop()
+        except Exception as err:  # the signal cannot be sent: still let go of the object
+            log.debug("VM object %s removed without InterfacesRemoved: %s", self.path, err)
+            DbusExportHandle.stop(handle)
 
     def _values(self, info: MachineInfo) -> dict[str, tuple[str, object]]:
         return {
@@ -544,8 +553,12 @@ MachineRow = tuple[str, str, str, str, int, str]
 EventRow = tuple[float, str, str, str, str]
 
 
-class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
-    """All VMs by name; lifecycle signals; reload and host-shutdown entry points."""
+class ManagerObject(DbusObjectManagerInterfaceAsync, interface_name=MANAGER_INTERFACE):
+    """All VMs by name; lifecycle signals; reload and host-shutdown entry points.
+
+    Also the org.freedesktop.DBus.ObjectManager of the VM objects below it (served by sd-bus
+    itself): GetManagedObjects answers every VM's properties in one call.
+    """
 
     def __init__(
         self,
@@ -565,9 +578,18 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
     async def _changed(
         self, operation: str, name: str, action: Callable[[Caller], Awaitable[T]]
     ) -> T:
+        """A call that changes which VMs exist: the objects are brought in line with all of
+        them afterwards (events and registry changes keep them in step one VM at a time; this
+        full pass is the safety net where VMs come and go)."""
         result = await self._service.change(operation, name, action)
         self._objects.sync()
         return result
+
+    async def _operation(
+        self, operation: str, name: str, action: Callable[[Caller], Awaitable[T]]
+    ) -> T:
+        """A call on one VM: its events update its object, nothing else is touched."""
+        return await self._service.change(operation, name, action)
 
     @dbus_method_async(
         result_signature="a(ssssuo)",
@@ -625,7 +647,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Start", result_args_names=())
     async def start(self, name: str) -> None:
-        await self._changed("Start", name, lambda c: self._sup.start(name, c))
+        await self._operation("Start", name, lambda c: self._sup.start(name, c))
 
     @dbus_method_async(
         "sdb", flags=DbusUnprivilegedFlag, method_name="Shutdown", result_args_names=()
@@ -637,7 +659,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
             limit = parse_timeout(timeout, "timeout")
             return await self._sup.shutdown(name, limit, then_destroy, caller)
 
-        await self._changed("Shutdown", name, run)
+        await self._operation("Shutdown", name, run)
 
     @dbus_method_async(
         "ssd", flags=DbusUnprivilegedFlag, method_name="Destroy", result_args_names=()
@@ -649,7 +671,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
             how, limit = parse_mode(mode), parse_timeout(timeout, "timeout")
             return await self._sup.destroy(name, how, limit, caller)
 
-        await self._changed("Destroy", name, run)
+        await self._operation("Destroy", name, run)
 
     @dbus_method_async("ss", flags=DbusUnprivilegedFlag, method_name="Kill", result_args_names=())
     async def kill(self, name: str, signal_name: str) -> None:
@@ -658,23 +680,23 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
         async def run(caller: Caller) -> None:
             await self._sup.kill(name, parse_signal(signal_name), caller)
 
-        await self._changed("Kill", name, run)
+        await self._operation("Kill", name, run)
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reboot", result_args_names=())
     async def reboot(self, name: str) -> None:
-        await self._changed("Reboot", name, lambda c: self._sup.reboot(name, c))
+        await self._operation("Reboot", name, lambda c: self._sup.reboot(name, c))
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Reset", result_args_names=())
     async def reset(self, name: str) -> None:
-        await self._changed("Reset", name, lambda c: self._sup.reset(name, c))
+        await self._operation("Reset", name, lambda c: self._sup.reset(name, c))
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Pause", result_args_names=())
     async def pause(self, name: str) -> None:
-        await self._changed("Pause", name, lambda c: self._sup.pause(name, c))
+        await self._operation("Pause", name, lambda c: self._sup.pause(name, c))
 
     @dbus_method_async("s", flags=DbusUnprivilegedFlag, method_name="Resume", result_args_names=())
     async def resume(self, name: str) -> None:
-        await self._changed("Resume", name, lambda c: self._sup.resume(name, c))
+        await self._operation("Resume", name, lambda c: self._sup.resume(name, c))
 
     @dbus_method_async(
         result_signature="asasasas",
@@ -701,7 +723,7 @@ class ManagerObject(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFACE):
             limit = parse_timeout(timeout, "timeout")
             return await shutdown_all(self._sup, limit, parallel, caller)
 
-        results = await self._changed("ShutdownAll", "", run)
+        results = await self._operation("ShutdownAll", "", run)
         return sorted(results.items())
 
     @dbus_method_async(
@@ -753,7 +775,9 @@ class MachineRegistry:
     """Keeps exactly one exported MachineObject per VM the supervisor knows.
 
     The objects must stay referenced while exported (sdbus drops unreferenced ones), so this
-    dict is their owner.
+    dict is their owner. It follows the supervisor one VM at a time (refresh), so the work per
+    event does not grow with the number of VMs; sync, the full pass, is for start-up and the
+    calls that add or remove VMs.
     """
 
     def __init__(self, bus: SdBus, service: _Service) -> None:
@@ -765,8 +789,10 @@ class MachineRegistry:
     def ensure(self, info: MachineInfo) -> MachineObject:
         obj = self._objects.get(info.name)
         if obj is None:
+            if self.manager is None:
+                raise RuntimeError("MachineRegistry.manager must be set before objects exist")
             obj = MachineObject(self._service, info)
-            obj.export(self._bus)
+            obj.export(self.manager, self._bus)
             self._objects[info.name] = obj
             if self.manager is not None:
                 self.manager.machine_new.emit((info.name, obj.path))
@@ -774,15 +800,28 @@ class MachineRegistry:
             obj.update(info)
         return obj
 
+    def _remove(self, name: str) -> None:
+        obj = self._objects.pop(name, None)
+        if obj is None:
+            return
+        obj.unexport()
+        if self.manager is not None:
+            self.manager.machine_removed.emit((name, obj.path))
+
+    def refresh(self, name: str) -> None:
+        """Bring VM ``name``'s object in line with the supervisor: add, update or remove it."""
+        try:
+            info = self._service.supervisor.get_machine(name)
+        except errors.NoSuchMachine:
+            self._remove(name)
+        else:
+            self.ensure(info)
+
     def sync(self) -> None:
-        """Bring the objects in line with the supervisor: add, update, remove."""
+        """Bring every object in line with the supervisor: add, update, remove."""
         infos = {info.name: info for info in self._service.supervisor.list_machines()}
-        for name in list(self._objects):
-            if name not in infos:
-                obj = self._objects.pop(name)
-                obj.unexport()
-                if self.manager is not None:
-                    self.manager.machine_removed.emit((name, obj.path))
+        for name in [name for name in self._objects if name not in infos]:
+            self._remove(name)
         for info in infos.values():
             self.ensure(info)
 
@@ -807,25 +846,35 @@ class BusService:
         self.manager = ManagerObject(self._service, self.registry, on_reload)
         self.registry.manager = self.manager
         self._manager_handle: DbusExportHandle | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
 
     def export(self) -> None:
         """Export everything; call before taking the bus name so no caller finds it empty."""
         self._manager_handle = self.manager.export_to_dbus(MANAGER_PATH, self._bus)
         self.registry.sync()
-        self._unsubscribe = self._service.supervisor.subscribe(self._on_event)
+        supervisor = self._service.supervisor
+        self._unsubscribe = [
+            supervisor.subscribe(self._on_event),
+            supervisor.watch_registry(self._on_registry_change),
+        ]
 
     def _on_event(self, event: MachineEvent) -> None:
         try:
-            self.registry.sync()
+            self.registry.refresh(event.name)
             self.manager.machine_event.emit(event_row(event))
         except Exception:
             log.exception("could not publish event %s of %s", event.event, event.name)
 
+    def _on_registry_change(self, name: str) -> None:
+        try:
+            self.registry.refresh(name)
+        except Exception:
+            log.exception("could not update the D-Bus object of VM %s", name)
+
     def close(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         self.registry.close()
         if self._manager_handle is not None:
             self._manager_handle.stop()
