@@ -1,6 +1,7 @@
 """svmctl: the command line for supervisord-vm, a thin client of org.supervisordvm1.
 
-It only speaks D-Bus: every command is one or a few method calls; answers become tables or JSON,
+It only speaks D-Bus: every command is one or a few method calls (`list` and `status` exactly one:
+ObjectManager.GetManagedObjects, Properties.GetAll); answers become tables or JSON,
 D-Bus error names become exit codes (0 ok, 1 other, 2 usage, 3 busy, 4 no such VM, 5 timeout,
 6 permission denied).
 """
@@ -29,6 +30,7 @@ from supervisord_vm.bus import (
     MANAGER_PATH,
     TIMEOUT_MAX,
     InvalidArgumentError,
+    machine_path,
     parse_signal,
 )
 from supervisord_vm.definition import DEFINITION_MAX_BYTES
@@ -195,13 +197,35 @@ class Client:
         return await self.call(MANAGER_PATH, MANAGER_INTERFACE, method, signature, *args)
 
     async def status(self, name: str) -> dict[str, Any]:
-        path = await self.manager("GetMachine", "s", name)
-        props = await self.call(
-            path, "org.freedesktop.DBus.Properties", "GetAll", "s", MACHINE_INTERFACE
+        """One Properties.GetAll on the VM's object, whose path follows from its name."""
+        path = machine_path(name)
+        try:
+            props = await self.call(
+                path, "org.freedesktop.DBus.Properties", "GetAll", "s", MACHINE_INTERFACE
+            )
+        except CommandError as exc:
+            if exc.code == EXIT_NO_SUCH_MACHINE:  # no object there: the daemon's own words
+                raise CommandError(f"no VM named {name!r}", EXIT_NO_SUCH_MACHINE) from None
+            raise
+        return _status_of(path, props)
+
+    async def statuses(self) -> list[dict[str, Any]]:
+        """Every VM, by name, from one ObjectManager.GetManagedObjects."""
+        objects = await self.call(
+            MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
         )
-        status: dict[str, Any] = {key: props[prop][1] for key, prop in _PROPERTY_OF_KEY.items()}
-        status["path"] = path
-        return status
+        found = [
+            _status_of(path, interfaces[MACHINE_INTERFACE])
+            for path, interfaces in objects.items()
+            if MACHINE_INTERFACE in interfaces
+        ]
+        return sorted(found, key=lambda status: str(status["name"]))
+
+
+def _status_of(path: str, props: dict[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = {key: props[prop][1] for key, prop in _PROPERTY_OF_KEY.items()}
+    status["path"] = path
+    return status
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -271,16 +295,7 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 
 
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
-    rows = await client.manager("ListMachines")
-    statuses = []
-    for name, state, *_ in sorted(rows):
-        if not args.all and state == "shutoff":
-            continue
-        try:
-            statuses.append(await client.status(name))
-        except CommandError as exc:
-            if exc.code != EXIT_NO_SUCH_MACHINE:  # gone meanwhile: not worth failing the list
-                raise
+    statuses = [s for s in await client.statuses() if args.all or s["state"] != "shutoff"]
     if args.json:
         print(json.dumps([{key: s[key] for key in STATUS_KEYS} for s in statuses]))
         return EXIT_OK

@@ -9,9 +9,11 @@ import json
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -389,6 +391,81 @@ def test_daemon_stopped_and_masked_gives_a_sentence(service: None) -> None:
         sh("systemctl", "unmask", "--runtime", "supervisord-vm.service", check=True)
         sh("systemctl", "start", "supervisord-vm.service", check=True)
     healthy()
+
+
+# --- one call per list and status (issue 8) ---------------------------------------------------
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+MACHINE_IFACE = "org.supervisordvm1.Machine"
+
+
+def managed_objects(user: str | None = None) -> dict[str, Any]:
+    argv = ["busctl", "--json=short", "call", BUS, MANAGER, OBJECT_MANAGER, "GetManagedObjects"]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    result = sh(*argv)
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)["data"][0]
+    return answer
+
+
+def test_one_call_lists_every_vm_with_its_properties(clean: None, tmp_path: Path) -> None:
+    """GetManagedObjects (open to everyone) answers every VM's properties; InterfacesAdded and
+    InterfacesRemoved announce VMs coming and going; status of a missing VM is still exit 4."""
+    monitor = subprocess.Popen(
+        ["gdbus", "monitor", "--system", "--dest", BUS, "--object-path", MANAGER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert monitor.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(monitor.stdout or ()), daemon=True)
+    reader.start()
+
+    def wait_for_line(*words: str) -> None:
+        deadline = time.monotonic() + 20
+        while not any(all(word in line for word in words) for line in list(lines)):
+            assert time.monotonic() < deadline, (words, lines)
+            time.sleep(0.05)
+
+    names = ["se_om-1", "se_om2"]
+    try:
+        # Printed after a round trip on the connection that sent the match: it is in place.
+        wait_for_line("is owned by")
+        for name in names:
+            file = tmp_path / f"{name}.toml"
+            file.write_text(definition(name, ACPI_IMAGE))
+            assert svm("define", str(file)).returncode == 0
+        try:
+            objects = managed_objects(user="svmtest")  # a reader, not an admin
+            by_name = {
+                str(props[MACHINE_IFACE]["Name"]["data"]): (path, props[MACHINE_IFACE])
+                for path, props in objects.items()
+                if MACHINE_IFACE in props
+            }
+            for name in names:
+                path, machine = by_name[name]
+                assert machine["State"] == {"type": "s", "data": "shutoff"}
+                assert path == gdbus("GetMachine", name).stdout.split("'")[1]
+                assert status(name)["path"] == path
+            listed = json.loads(svm("--json", "list", "--all").stdout)
+            assert [m["name"] for m in listed] == sorted(m["name"] for m in listed)
+            assert set(names) <= {m["name"] for m in listed}
+        finally:
+            for name in names:
+                assert svm("undefine", name).returncode == 0
+        path_1 = by_name["se_om-1"][0]
+        wait_for_line("InterfacesRemoved", path_1)
+        wait_for_line("InterfacesAdded", path_1, "'se_om-1'")
+    finally:
+        monitor.terminate()
+        monitor.wait(timeout=10)
+        reader.join(timeout=10)
+    assert path_1 not in managed_objects()
+    result = svm("status", "se_om-1")
+    assert result.returncode == 4
+    assert result.stderr == "svmctl: no VM named 'se_om-1'\n"
 
 
 # --- concurrency at the bus --------------------------------------------------------------------
