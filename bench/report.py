@@ -211,6 +211,16 @@ def _scale(results: dict[str, Any]) -> list[str]:
         ["", *(f"{count} VMs" for count in counts)],
         [[label, *(show(count) for count in counts)] for label, show in rows],
     )
+    for count in counts:
+        for phase, hot in ours.get(str(count), {}).get("profiles", {}).items():
+            lines += [
+                "",
+                f"Daemon profile, {phase} (py-spy, GIL held, {hot['samples']} samples at 100/s):"
+                " innermost functions by own share; supervisord_vm's functions by inclusive share",
+                "",
+            ]
+            lines += [f"- self {share:.0f} % `{frame}`" for frame, share in hot["self"]]
+            lines += [f"- under {share:.0f} % `{frame}`" for frame, share in hot["ours"]]
     growth = rss_growth_kib(ours)
     if growth is not None:
         lines += ["", f"Daemon RSS growth per VM (fit over the counts): {growth:.0f} KiB."]

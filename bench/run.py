@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -453,6 +454,81 @@ async def latency(runs: int, use_libvirt: bool, work: Path) -> dict[str, Any]:
     return {"runs": runs, "ms": result.summary()}
 
 
+# --- where the daemon's time goes (py-spy, from the `bench` extra) ------------------------------
+
+PY_SPY = CHECKOUT / ".venv" / "bin" / "py-spy"
+
+
+@contextlib.asynccontextmanager
+async def profiled(pid: int, name: str, profiles: dict[str, Any] | None) -> AsyncIterator[None]:
+    """Sample the daemon with py-spy while the block runs; keep its busiest functions.
+
+    Off unless --profile: sampling slows the daemon (it is paused to read each stack)."""
+    if profiles is None or not PY_SPY.exists():
+        yield
+        return
+    raw = Path(tempfile.mkstemp(prefix="svm-bench-profile-", suffix=".txt", dir="/run")[1])
+    proc = await asyncio.create_subprocess_exec(
+        str(PY_SPY),
+        "record",
+        "--format",
+        "raw",
+        "--gil",
+        "--rate",
+        "100",
+        "--pid",
+        str(pid),
+        "--output",
+        str(raw),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1)  # attached before the work starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        await proc.wait()
+        profiles[name] = hot_functions(take_text(raw))
+
+
+def take_text(path: Path) -> str:
+    """A file's text ('' if it was never written), and the file removed."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def hot_functions(collapsed: str, top: int = 10) -> dict[str, Any]:
+    """From py-spy's collapsed stacks (GIL holders only): where the daemon's CPU went.
+
+    `self`: the innermost frames with the most samples; `ours`: supervisord_vm's own functions
+    by inclusive share (what of ours the time was spent under)."""
+    leaf: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit() or not stack:
+            continue
+        samples = int(number)
+        total += samples
+        frames = stack.split(";")
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            if "supervisord_vm/" in frame:
+                ours[frame] = ours.get(frame, 0) + samples
+
+    def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
+        best = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [(frame, 100 * n / total) for frame, n in best]
+
+    return {"samples": total, "self": ranked(leaf), "ours": ranked(ours)}
+
+
 # --- scale: N VMs under one daemon ----------------------------------------------------------------
 
 
@@ -487,11 +563,16 @@ async def expect_states(client: Client, names: Sequence[str], state: str) -> Non
         raise BenchError(f"{len(wrong)} VMs not {state}, e.g. {wrong[:3]}: {states.get(wrong[0])}")
 
 
-async def scale_ours(count: int, idle: float, reps: int, work: Path) -> dict[str, Any]:
+async def scale_ours(
+    count: int, idle: float, reps: int, work: Path, profile: bool
+) -> dict[str, Any]:
     names = [f"s{index:04d}" for index in range(count)]
     clients = [Client() for _ in range(CONCURRENT_CLIENTS)]
     one = clients[0]
     out: dict[str, Any] = {"count": count}
+    profiles: dict[str, Any] | None = {} if profile else None
+    if profiles is not None:
+        out["profiles"] = profiles
     try:
         pid = main_pid(SERVICE)
         out["rss_kib_before"] = rss_kib(pid)
@@ -509,6 +590,9 @@ async def scale_ours(count: int, idle: float, reps: int, work: Path) -> dict[str
         out["start_concurrent_s"] = seconds
         await expect_states(one, names, "running")
         log(f"{count}: started by {CONCURRENT_CLIENTS} clients in {seconds:.1f} s")
+        async with profiled(pid, "ListMachines x50", profiles):
+            for _ in range(50):
+                await one.call("ListMachines")
         begin = time.perf_counter()
         await run("systemctl", "restart", SERVICE)
         out["restart_to_ready_s"] = time.perf_counter() - begin
@@ -528,7 +612,8 @@ async def scale_ours(count: int, idle: float, reps: int, work: Path) -> dict[str
         out["shutdown_all_s"] = time.perf_counter() - begin
         await expect_states(one, names, "shutoff")
         log(f"{count}: shutdown-all {out['shutdown_all_s']:.1f} s")
-        await call_all(clients, names, "Start", "s")
+        async with profiled(pid, f"start {count} VMs, {CONCURRENT_CLIENTS} clients", profiles):
+            out["start_concurrent_again_s"] = await call_all(clients, names, "Start", "s")
         seconds = await call_all(clients, names, "Destroy", "ssd", "default", 0.0)
         out["destroy_concurrent_s"] = seconds
         await expect_states(one, names, "shutoff")
@@ -687,7 +772,7 @@ async def bench(options: argparse.Namespace) -> dict[str, Any]:
             results["machine"][f"load_before_{count}"] = loadavg()
             log(f"scale: {count} VMs under supervisord-vm")
             scale["supervisord-vm"][str(count)] = await scale_ours(
-                count, options.idle, options.reps, work
+                count, options.idle, options.reps, work, options.profile
             )
             if use_libvirt:
                 log(f"scale: {count} domains under libvirt")
@@ -707,6 +792,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=15, help="samples of each list/status call")
     parser.add_argument(
         "--from-head", action="store_true", help="install the last commit, not the working tree"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the daemon in the scale runs' busy parts"
     )
     parser.add_argument("--no-libvirt", action="store_true", help="skip the libvirt baselines")
     parser.add_argument("--output", type=Path, help="results JSON (default bench/results.json)")
