@@ -121,6 +121,8 @@ def _latency(results: dict[str, Any]) -> list[str]:
             ],
             ["`virsh dominfo NAME`", _ms(status.get("virsh")), "-"],
             ["`svmctl --help`", _ms(help_.get("svmctl")), "-"],
+            ["`python3 -I -S -c pass` (the interpreter alone)", _ms(help_.get("python")), "-"],
+            ["`python3 -c 'import supervisord_vm.cli'`", _ms(help_.get("import")), "-"],
         ],
     )
     return lines

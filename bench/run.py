@@ -44,6 +44,8 @@ from tests.guests import write_acpi_guest
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 SVMCTL = "/usr/local/bin/svmctl"
+INSTALLED_PYTHON = "/usr/local/lib/supervisord-vm/venv/bin/python"
+IMPORT_CLI = "import supervisord_vm.cli"
 SERVICE = "supervisord-vm.service"
 BUS_NAME = "org.supervisordvm1"
 MANAGER_PATH = "/org/supervisordvm1"
@@ -438,6 +440,9 @@ async def latency(runs: int, use_libvirt: bool, work: Path) -> dict[str, Any]:
             result.add("list", "dbus", time.perf_counter() - begin)
             result.add("status", "svmctl", await timed(SVMCTL, "status", name))
             result.add("help", "svmctl", await timed(SVMCTL, "--help"))
+            # The floor under every svmctl command: the interpreter, then svmctl's imports.
+            result.add("help", "python", await timed(INSTALLED_PYTHON, "-I", "-S", "-c", "pass"))
+            result.add("help", "import", await timed(INSTALLED_PYTHON, "-c", IMPORT_CLI))
             if use_libvirt:
                 result.add("list", "virsh", await timed(*virsh("list", "--all")))
                 result.add("status", "virsh", await timed(*virsh("dominfo", "lat")))
