@@ -53,7 +53,7 @@ reliability: venv
 		tests/unit/test_definition_fuzz.py tests/integration/test_crash_consistency.py \
 		tests/integration/test_chaos.py tests/integration/test_load.py \
 		tests/integration/test_infra_faults.py tests/integration/test_hostile_input.py \
-		tests/integration/test_pending_operations.py
+		tests/integration/test_pending_operations.py tests/integration/test_pending_operation_races.py
 
 # --- benchmarks (issue 8; bench/RESULTS.md) -------------------------------------------------------
 # make bench [BENCH_ARGS="--runs 30 --counts 100,250,500"]   figures into bench/RESULTS.md (minutes)
