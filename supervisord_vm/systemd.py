@@ -24,6 +24,17 @@ waiting job, refuses further calls and sets ``lost``: it does not reconnect by i
 its Subscribe, its match rules and the unit states it tracked are gone with the connection and
 signals sent meanwhile are lost. Its owner decides what to do (the daemon exits and is
 restarted by systemd, whose reattach resynchronises every VM from systemd's current state).
+
+systemd itself may go away for a moment while both connections stay: ``systemctl daemon-reexec``
+(also run by upgrades of systemd) makes it drop its bus connection and come back under a new
+unique name, keeping its units, jobs and subscribers. A call it had not answered gets NoReply
+from the bus. The adapter rides through that (``_wait_for_systemd``): it waits, without
+polling, for the NameOwnerChanged that names systemd's new owner, then calls again if the call
+is safe to repeat, or finds out what the call did (a scope's creation, a stop). Checked with
+systemd 252: the calls that got NoReply had not been carried out, jobs in progress end with
+their JobRemoved from the new systemd, Subscribe lasts. During a reload or re-execution systemd
+also sends UnitRemoved for every unit it is about to load again; the adapter reports a scope
+removed only if it is still gone afterwards.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +73,10 @@ from supervisord_vm.unitname import scope_name as scope_name  # noqa: PLC0414 - 
 log = logging.getLogger(__name__)
 
 SCOPE_PATTERN = "svm-*.scope"
+
+# How long a call waits for systemd to come back after it went away mid-call (daemon-reexec,
+# measured about 0.25 s on 2 cores) before failing with the error that told it so.
+SYSTEMD_AWAY_TIMEOUT = 30.0
 
 # Method calls to systemd waiting for their reply at once, on the one call connection. The bus
 # refuses more than a few hundred pending replies per connection (DbusLimitsExceededError);
@@ -220,6 +235,16 @@ _ERRORS_BY_NAME: dict[str, type[SystemdError]] = {
     "org.freedesktop.DBus.Error.UnixProcessIdUnknown": ProcessGone,
 }
 
+# systemd left the bus while a call waited for it (re-executing): the bus answers the call.
+_AWAY_ERRORS = frozenset(
+    {
+        "org.freedesktop.DBus.Error.NoReply",
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+    }
+)
+_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
+
 # An object that vanished between two calls (unit unloaded meanwhile).
 _GONE_ERRORS = frozenset(
     {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
@@ -269,6 +294,25 @@ def map_error(exc: Exception, context: str) -> SystemdError:
     return error_type(f"{context}: {_error_message(exc)}")
 
 
+def systemd_away(exc: Exception) -> bool:
+    """True for the bus's answer to a call systemd can no longer answer: it left the bus.
+
+    NoReply is also what sd-bus says when a call times out (25 s); such a call then waits for
+    an owner change that does not come, and fails after SYSTEMD_AWAY_TIMEOUT.
+    """
+    return error_name(exc) in _AWAY_ERRORS
+
+
+def start_done(status: UnitStatus | None) -> bool:
+    """The unit's state shows a start job's effect."""
+    return status is not None and status.active_state == "active"
+
+
+def stop_done(status: UnitStatus | None) -> bool:
+    """The unit's state shows a stop job's effect (a stopped scope may be collected at once)."""
+    return status is None or status.active_state in ("inactive", "failed")
+
+
 def _disconnected(exc: SdBusBaseError) -> bool:
     """True when sd-bus failed because the connection is gone (the next call reconnects)."""
     if not isinstance(exc, SdBusLibraryError):
@@ -313,25 +357,47 @@ def _open_signal_bus() -> tuple[Any, bytes]:
 
 @dataclass
 class _JobWatch:
-    """Collects JobRemoved for one unit from before the job's path is known (no lost race)."""
+    """Collects JobRemoved for one unit from before the job's path is known (no lost race).
+
+    ``done_when`` tells from the unit's state that the job's effect is there: after systemd
+    re-executed, that settles a job whose JobRemoved might not come.
+    """
 
     future: asyncio.Future[str]
+    done_when: Callable[[UnitStatus | None], bool]
     path: str | None = None
+    any_job: bool = False  # the path is unknown (the reply was lost): the unit's next job
     seen: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def job_known(self) -> bool:
+        """systemd has the job: it was answered with its path, or found done or under way."""
+        return self.path is not None or self.any_job
 
     def job_removed(self, path: str, result: str) -> None:
         if self.future.done():
             return
-        if self.path is None:
-            self.seen[path] = result
-        elif path == self.path:
+        if self.any_job or path == self.path:
             self.future.set_result(result)
+        elif self.path is None:
+            self.seen[path] = result
 
     def expect(self, path: str) -> None:
         self.path = path
         if path in self.seen and not self.future.done():
             self.future.set_result(self.seen[path])
         self.seen.clear()
+
+    def expect_any(self) -> None:
+        """Take the unit's first job to end, seen already or not (its path was never known)."""
+        self.any_job = True
+        if self.seen and not self.future.done():
+            self.future.set_result(next(iter(self.seen.values())))
+        self.seen.clear()
+
+    def settle_from(self, status: UnitStatus | None) -> None:
+        if self.job_known and not self.future.done() and self.done_when(status):
+            self.future.set_result("done")
 
 
 @dataclass
@@ -366,6 +432,10 @@ class Systemd:
         self._tracked: dict[str, _Tracked] = {}
         self._closed = False
         self._lost_reason = ""
+        self._owner_event = asyncio.Event()  # set, and replaced, when systemd's owner changes
+        self._reloading = False  # between systemd's Reloading(true) and Reloading(false)
+        self._removed_while_reloading: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._disconnect_watches: list[asyncio.Future[Any]] = []  # keep the match slots alive
         self.lost = asyncio.Event()  # set once a connection is gone; see lost_reason
 
@@ -404,6 +474,9 @@ class Systemd:
             return
         self._closed = True
         self._stop_signals(SystemdError("connection to systemd closed"))
+        self._wake_owner_waiters()
+        for task in list(self._tasks):
+            task.cancel()
         bus, self._call_bus = self._call_bus, None
         if bus is not None:
             with contextlib.suppress(Exception):
@@ -423,12 +496,19 @@ class Systemd:
 
     async def start_scope(self, unit: str, pids: Sequence[int], props: ScopeProperties) -> None:
         """Create the scope around PIDs and wait until its start job is done."""
+        context = f"creating scope {unit}"
+
+        async def after_lost_reply(watch: _JobWatch) -> str | None:
+            return await self._scope_after_lost_reply(unit, pids, watch, context)
+
         result = await self._job(
             unit,
-            f"creating scope {unit}",
+            context,
             "StartTransientUnit",
             _START_TRANSIENT_SIGNATURE,
             *_start_transient_args(unit, pids, props),
+            done_when=start_done,
+            after_lost_reply=after_lost_reply,
         )
         if result == "done":
             return
@@ -439,12 +519,53 @@ class Systemd:
             raise ProcessGone(f"creating scope {unit}: the process exited ({detail})")
         raise SystemdError(f"creating scope {unit} failed: {detail}")
 
+    async def _scope_after_lost_reply(
+        self, unit: str, pids: Sequence[int], watch: _JobWatch, context: str
+    ) -> str | None:
+        """StartTransientUnit got no reply (systemd re-executed): did it create the scope?
+
+        None: it did not, call again. A scope of that name holding our PIDs is ours: done, or
+        its start job still runs (its path is unknown, so the unit's next job to end is it).
+        """
+        status = await self.unit_status(unit)
+        if status is None:
+            return None
+        try:
+            held = set(await self.unit_pids(unit))
+        except NoSuchUnit:
+            return None  # collected meanwhile: nothing of it is left
+        if held.intersection(pids):
+            if start_done(status):
+                return "done"
+            watch.expect_any()
+            return await watch.future
+        if not any(map(_alive, pids)):
+            raise ProcessGone(f"{context}: the process exited (systemd re-executed meanwhile)")
+        raise UnitExists(f"{context}: unit {unit} already exists and does not hold our process")
+
     async def kill_unit(self, unit: str, signal: int, who: str = "all") -> None:
         await self._manager(f"killing {unit}", "KillUnit", "ssi", unit, who, signal)
 
     async def stop_unit(self, unit: str) -> str:
-        """Stop and wait for the job; "done" also after a timeout kill: read Result for that."""
-        return await self._job(unit, f"stopping {unit}", "StopUnit", "ss", unit, "replace")
+        """Stop and wait for the job; "done" also after a timeout kill: read Result for that.
+
+        Also "done" when a stop whose reply was lost (systemd re-executed) finds the unit
+        stopped or gone.
+        """
+
+        async def after_lost_reply(watch: _JobWatch) -> str | None:
+            return "done" if stop_done(await self.unit_status(unit)) else None
+
+        return await self._job(
+            unit,
+            f"stopping {unit}",
+            "StopUnit",
+            "ss",
+            unit,
+            "replace",
+            done_when=stop_done,
+            after_lost_reply=after_lost_reply,
+        )
 
     async def reset_failed(self, unit: str) -> None:
         await self._manager(f"resetting failed {unit}", "ResetFailedUnit", "s", unit)
@@ -530,7 +651,46 @@ class Systemd:
         self, path: str, interface: str, method: str, signature: str = "", *args: Any
     ) -> Any:
         """One method call to systemd; raises sdbus's errors. The reply's contents: one value
-        for a one-value reply, a tuple for several."""
+        for a one-value reply, a tuple for several.
+
+        Only for calls that are safe to repeat: one that systemd left unanswered (it went away,
+        see ``systemd_away``) is made again once systemd is back.
+        """
+        while True:
+            owner = self._systemd_owner
+            try:
+                return await self._call_once(path, interface, method, signature, *args)
+            except SdBusBaseError as exc:
+                if not systemd_away(exc) or not await self._wait_for_systemd(owner):
+                    raise
+                log.info("systemd went away during %s (%s); calling again", method, exc)
+
+    async def _wait_for_systemd(self, owner_at_call: bytes) -> bool:
+        """Wait until systemd's name has an owner other than the one a failed call went to.
+
+        NameOwnerChanged on the signal connection says so; the bus's error for the call comes
+        on the other connection, in either order. False if systemd is not back within
+        SYSTEMD_AWAY_TIMEOUT, or the adapter was closed or lost meanwhile.
+        """
+        try:
+            async with asyncio.timeout(SYSTEMD_AWAY_TIMEOUT):
+                while self._systemd_owner in (owner_at_call, b"") and self._usable():
+                    await self._owner_event.wait()
+        except TimeoutError:
+            log.error("systemd did not come back within %g s", SYSTEMD_AWAY_TIMEOUT)
+            return False
+        return self._usable()
+
+    def _usable(self) -> bool:
+        return not (self._closed or self._lost_reason)
+
+    def _wake_owner_waiters(self) -> None:
+        event, self._owner_event = self._owner_event, asyncio.Event()
+        event.set()
+
+    async def _call_once(
+        self, path: str, interface: str, method: str, signature: str = "", *args: Any
+    ) -> Any:
         if self._closed:
             raise SdBusLibraryError("connection to systemd closed")
         bus: SdBus | None = None
@@ -574,16 +734,43 @@ class Systemd:
             return ""
         return await self._get(path, f"org.freedesktop.systemd1.{iface}", "Result")
 
-    async def _job(self, unit: str, context: str, method: str, signature: str, *args: Any) -> str:
-        """Run a manager call that returns a job path; wait for that job's JobRemoved result."""
-        watch = _JobWatch(self._loop.create_future())
+    async def _job(
+        self,
+        unit: str,
+        context: str,
+        method: str,
+        signature: str,
+        *args: Any,
+        done_when: Callable[[UnitStatus | None], bool],
+        after_lost_reply: Callable[[_JobWatch], Awaitable[str | None]],
+    ) -> str:
+        """Run a manager call that returns a job path; wait for that job's JobRemoved result.
+
+        A call systemd left unanswered is not blindly repeated: once systemd is back,
+        ``after_lost_reply`` finds out what it did and returns the job's result, or None to
+        call again.
+        """
+        watch = _JobWatch(self._loop.create_future(), done_when)
         self._job_watches.setdefault(unit, []).append(watch)
         try:
             if self._signal_bus is None:
                 raise SystemdError(f"{context}: no connection for systemd's signals")
-            job_path = await self._manager(context, method, signature, *args)
-            watch.expect(_text(job_path))
-            return await watch.future
+            while True:
+                owner = self._systemd_owner
+                try:
+                    job_path = await self._call_once(
+                        _MANAGER_PATH, _MANAGER_IFACE, method, signature, *args
+                    )
+                except SdBusBaseError as exc:
+                    if not systemd_away(exc) or not await self._wait_for_systemd(owner):
+                        raise map_error(exc, context) from exc
+                    log.info("systemd went away during %s (%s); checking what it did", method, exc)
+                    result = await after_lost_reply(watch)
+                    if result is not None:
+                        return result
+                    continue
+                watch.expect(_text(job_path))
+                return await watch.future
         finally:
             watches = self._job_watches.get(unit, [])
             with contextlib.suppress(ValueError):
@@ -630,7 +817,7 @@ class Systemd:
         if message.is_signal(_B_DBUS, b"NameOwnerChanged"):
             if message.get_sender() == _B_DBUS:
                 message.process_reply(True)
-                self._systemd_owner = message.body[2]
+                self._owner_changed(bytes(message.body[2]))
             return True
         if message.get_sender() != self._systemd_owner:
             return True  # a forged or stray signal: only systemd's own are trusted
@@ -643,13 +830,75 @@ class Systemd:
         elif message.is_signal(_B_MANAGER_IFACE, b"UnitRemoved"):
             message.process_reply(True)
             unit = _text(message.body[0])
-            if fnmatch.fnmatchcase(unit, SCOPE_PATTERN):
-                self._tracked.pop(unit, None)
-                self._emit(UnitEvent("removed", unit))
+            if not fnmatch.fnmatchcase(unit, SCOPE_PATTERN):
+                pass
+            elif self._reloading:
+                self._removed_while_reloading.add(unit)  # systemd unloads every unit to reload
+            else:
+                self._unit_removed(unit)
         elif message.is_signal(_B_MANAGER_IFACE, b"Reloading"):
             message.process_reply(True)
-            self._emit(UnitEvent("reloading", "", reloading=bool(message.body)))
+            self._reloading = bool(message.body)
+            self._emit(UnitEvent("reloading", "", reloading=self._reloading))
+            if not self._reloading and self._removed_while_reloading:
+                self._spawn(self._settle_removals())
         return True
+
+    def _unit_removed(self, unit: str) -> None:
+        self._tracked.pop(unit, None)
+        self._emit(UnitEvent("removed", unit))
+
+    def _owner_changed(self, owner: bytes) -> None:
+        """systemd's unique name changed: it left the bus, or came back after re-executing."""
+        if owner == self._systemd_owner:
+            return
+        previous, self._systemd_owner = self._systemd_owner, owner
+        self._wake_owner_waiters()
+        if not owner:
+            log.warning("systemd left the bus (was %s)", _text(previous))
+            return
+        log.info("systemd is on the bus as %s (was %s)", _text(owner), _text(previous) or "none")
+        self._spawn(self._after_systemd_returned())
+
+    async def _after_systemd_returned(self) -> None:
+        """Check what re-executing may have cost: Subscribe, jobs' JobRemoved, removals.
+
+        Calls made now are answered once systemd has loaded its state again.
+        """
+        try:
+            await self._call_raw(_MANAGER_PATH, _MANAGER_IFACE, "Subscribe")
+            log.warning("systemd had forgotten the adapter's Subscribe; subscribed again")
+        except SdBusBaseError as exc:
+            if error_name(exc) != _ALREADY_SUBSCRIBED:
+                log.error("cannot subscribe to systemd again: %s", map_error(exc, "subscribing"))
+        for unit, watches in list(self._job_watches.items()):
+            if not any(watch.job_known and not watch.future.done() for watch in watches):
+                continue
+            try:
+                status = await self.unit_status(unit)
+            except SystemdError as err:
+                log.error("cannot read %s after systemd came back: %s", unit, err)
+                continue
+            for watch in watches:
+                watch.settle_from(status)
+        await self._settle_removals()
+
+    async def _settle_removals(self) -> None:
+        """Report the scopes systemd removed while reloading that it did not load again."""
+        units, self._removed_while_reloading = self._removed_while_reloading, set()
+        for unit in sorted(units):
+            try:
+                gone = await self.unit_status(unit) is None
+            except SystemdError as err:
+                log.error("cannot read %s after systemd reloaded: %s", unit, err)
+                gone = True  # a false "removed" only makes the owner look at its process
+            if gone:
+                self._unit_removed(unit)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _properties_changed(self, message: Any) -> None:
         unit = unit_name_from_path(_text(message.get_path()))
@@ -696,6 +945,7 @@ class Systemd:
             return
         self._lost_reason = reason
         log.error("lost the connection to systemd: %s", reason)
+        self._wake_owner_waiters()
         self._stop_signals(SystemdError(f"connection to systemd lost: {reason}"))
         bus, self._call_bus = self._call_bus, None
         if bus is not None:

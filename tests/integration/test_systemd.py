@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -171,6 +172,18 @@ async def systemctl(*args: str) -> str:
     out, _ = await process.communicate()
     assert process.returncode == 0, f"systemctl {args} failed"
     return out.decode()
+
+
+async def bus_owner() -> str:
+    """systemd's unique name on the bus, from the bus daemon (it changes on re-execution)."""
+    process = await asyncio.create_subprocess_exec(
+        "busctl", "--system", "status", "org.freedesktop.systemd1", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    for line in out.decode().splitlines():
+        if line.startswith("UniqueName="):
+            return line.partition("=")[2]
+    raise AssertionError(f"no UniqueName in busctl status: {out!r}")
 
 
 def with_qmp(socket_path: Path) -> list[str]:
@@ -588,3 +601,87 @@ async def test_hundreds_of_scopes_never_exceed_the_bus_limit_on_pending_replies(
     statuses = await asyncio.gather(*(systemd.unit_status(unit) for unit in units))
     assert all(status is not None and status.active_state == "active" for status in statuses)
     await asyncio.gather(*(systemd.kill_unit(unit, signal.SIGKILL) for unit in units))
+
+
+async def test_calls_made_while_systemd_reexecutes_all_succeed(
+    systemd: Systemd, cleanup: Cleanup, events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`systemctl daemon-reexec` (also run by upgrades of systemd) drops systemd's bus
+    connection: calls it had not answered get NoReply from the bus, and systemd comes back under
+    a new unique name with its units and jobs. Every call made meanwhile must still succeed with
+    the right result, a stop job in progress must end, and no scope may be reported removed."""
+    caplog.set_level(logging.INFO, logger="supervisord_vm.systemd")
+    reexecs = 5
+    owners: list[str] = []
+
+    async def reexec_repeatedly() -> None:
+        for _ in range(reexecs):
+            await systemctl("daemon-reexec")
+            owners.append(await bus_owner())
+
+    steady = new_unit()  # lives through every re-execution
+    cleanup.units.append(steady)
+    steady_sleeper = await start_process(cleanup, ["/bin/sleep", "600"])
+    await systemd.start_scope(steady, [steady_sleeper.pid], props())
+    stubborn = new_unit()  # its stop job (2 s stop timeout) runs across re-executions
+    cleanup.units.append(stubborn)
+    stubborn_process = await start_process(cleanup, IGNORES_SIGTERM)
+    await systemd.start_scope(stubborn, [stubborn_process.pid], props(stop_timeout=2))
+
+    async def one_round() -> None:
+        unit, killed = new_unit(), new_unit()
+        cleanup.units += [unit, killed]
+        sleeper = await start_process(cleanup, ["/bin/sleep", "600"])
+        victim = await start_process(cleanup, ["/bin/sleep", "600"])
+        await asyncio.gather(
+            systemd.start_scope(unit, [sleeper.pid], props()),
+            systemd.start_scope(killed, [victim.pid], props()),
+        )
+        status = await systemd.unit_status(unit)
+        assert status is not None and status.active_state == "active", status
+        assert await systemd.unit_pids(unit) == [sleeper.pid]
+        listed = {scope.name: scope.active_state for scope in await systemd.list_scopes()}
+        assert listed[unit] == "active" and listed[steady] == "active", listed
+        await systemd.kill_unit(killed, signal.SIGKILL)
+        assert await victim.wait() == -signal.SIGKILL
+        assert await systemd.stop_unit(unit) == "done"
+        assert await sleeper.wait() == -signal.SIGTERM
+
+    async def rounds_until(done: asyncio.Future[None]) -> int:
+        count = 0
+        while not done.done() or count == 0:
+            await one_round()
+            count += 1
+        return count
+
+    async def reads_until(done: asyncio.Future[None]) -> int:
+        count = 0
+        while not done.done():
+            status = await systemd.unit_status(steady)
+            assert status is not None and status.active_state == "active", status
+            count += 1
+        return count
+
+    before = await bus_owner()
+    reexecuting = asyncio.ensure_future(reexec_repeatedly())
+    try:
+        stopping = asyncio.ensure_future(systemd.stop_unit(stubborn))
+        counts = await asyncio.gather(
+            *(rounds_until(reexecuting) for _ in range(3)), reads_until(reexecuting)
+        )
+        assert await stopping == "done"
+    finally:
+        await reexecuting
+    stubborn_status = await systemd.unit_status(stubborn)
+    assert stubborn_status is not None
+    assert (stubborn_status.active_state, stubborn_status.result) == ("failed", "timeout")
+    assert len({before, *owners}) == reexecs + 1, owners  # systemd really came back 5 times
+    status = await systemd.unit_status(steady)
+    assert status is not None and status.active_state == "active"
+    assert await systemd.unit_pids(steady) == [steady_sleeper.pid]
+    assert "removed" not in [event.kind for event in events.of(steady)]
+    went_away = [r.getMessage() for r in caplog.records if "systemd went away" in r.getMessage()]
+    print(f"\n{reexecs} re-executions; rounds and reads {counts}; retried: {len(went_away)}")
+    for message in went_away[:8]:
+        print("  ", message)
+    assert went_away, "no call was in flight while systemd re-executed: nothing was tested"

@@ -16,19 +16,28 @@ from typing import Any, cast
 import pytest
 from pystemd.dbusexc import DBusError
 from pystemd.dbuslib import path_encode
-from sdbus.dbus_exceptions import DbusUnixProcessIdUnknownError
+from sdbus.dbus_exceptions import (
+    DbusNoReplyError,
+    DbusServiceUnknownError,
+    DbusUnixProcessIdUnknownError,
+)
 from sdbus.sd_bus_internals import SdBus, SdBusLibraryError, SdBusUnmappedMessageError
 
 from supervisord_vm import _spawn_trampoline
+from supervisord_vm import systemd as systemd_module
 from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExists
 from supervisord_vm.systemd import (
     ScopeProperties,
     Systemd,
     UnitEvent,
     UnitStatus,
+    _JobWatch,
     _start_transient_args,
     map_error,
     spawn_in_scope,
+    start_done,
+    stop_done,
+    systemd_away,
     unit_name_from_path,
 )
 
@@ -173,7 +182,15 @@ def adapter() -> Iterator[tuple[Systemd, FakeBus, list[UnitEvent]]]:
     events: list[UnitEvent] = []
     systemd.subscribe(events.append)
     yield systemd, bus, events
+    loop.run_until_complete(close(systemd))
     loop.close()
+
+
+async def close(systemd: Systemd) -> None:
+    """Close, and let the tasks the adapter started (after systemd came back) end."""
+    tasks = list(systemd._tasks)
+    await systemd.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_scope_state_changes_become_events(
@@ -434,6 +451,306 @@ def test_disconnected_signal_connection_loses_the_adapter_and_fails_waiting_jobs
         systemd._loop.run_until_complete(scenario())
     assert systemd.lost.is_set()
     assert systemd.lost_reason == "the system bus closed the connection for systemd's signals"
+
+
+# --- systemd re-executing (daemon-reexec) with fake buses --------------------------------------
+
+NEW_OWNER = b":1.2"
+NO_REPLY = "Message recipient disconnected from message bus without replying"
+JOB = "/org/freedesktop/systemd1/job/9"
+
+
+def owner_changed(new: bytes = NEW_OWNER, old: bytes = OWNER) -> FakeMessage:
+    return FakeMessage(
+        b"org.freedesktop.DBus",
+        b"NameOwnerChanged",
+        b"/org/freedesktop/DBus",
+        [b"org.freedesktop.systemd1", old, new],
+        sender=b"org.freedesktop.DBus",
+    )
+
+
+def systemd_returns(systemd: Systemd, bus: FakeBus) -> None:
+    """The bus daemon names systemd's new unique name (as after `systemctl daemon-reexec`)."""
+    bus.queue.append(owner_changed())
+    systemd._drain()
+
+
+def test_errors_of_a_call_systemd_left_unanswered_are_recognised() -> None:
+    assert systemd_away(DbusNoReplyError(NO_REPLY))
+    assert systemd_away(DbusServiceUnknownError("The name is not activatable"))
+    assert systemd_away(SdBusUnmappedMessageError("org.freedesktop.DBus.Error.NameHasNoOwner", ""))
+    assert not systemd_away(SdBusUnmappedMessageError("org.freedesktop.systemd1.NoSuchUnit", ""))
+    assert not systemd_away(SdBusLibraryError("returned error number: -107"))
+
+
+def test_unit_states_that_show_a_jobs_effect() -> None:
+    def status(active: str) -> UnitStatus:
+        return UnitStatus("svm-a.scope", "loaded", active, "x", "success")
+
+    assert start_done(status("active"))
+    assert not start_done(status("activating")) and not start_done(None)
+    assert stop_done(None) and stop_done(status("inactive")) and stop_done(status("failed"))
+    assert not stop_done(status("deactivating")) and not stop_done(status("active"))
+
+
+def test_job_watch_without_a_known_path_takes_the_units_next_job() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        seen_before = _JobWatch(loop.create_future(), start_done)
+        seen_before.job_removed("/job/5", "done")
+        seen_before.expect_any()
+        assert seen_before.future.result() == "done"
+        later = _JobWatch(loop.create_future(), start_done)
+        assert not later.job_known
+        later.settle_from(UnitStatus("u", "loaded", "active", "running", "success"))
+        assert not later.future.done()  # a job systemd may not have: no state settles it
+        later.expect_any()
+        later.job_removed("/job/6", "failed")
+        assert later.future.result() == "failed"
+    finally:
+        loop.close()
+
+
+class Answers:
+    """systemd's answers by member; a list answers one call per item (an Exception is raised)."""
+
+    def __init__(self, **by_member: Any) -> None:
+        self.by_member = by_member
+        self.before_answer: Callable[[FakeCallMessage], None] = lambda message: None
+
+    def __call__(self, message: FakeCallMessage) -> Any:
+        self.before_answer(message)
+        answer = self.by_member[message.member]
+        if isinstance(answer, list):
+            answer = answer.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer(message) if callable(answer) else answer
+
+
+def members(calls: FakeCallBus) -> list[str]:
+    return [call.member for call in calls.calls]
+
+
+ALREADY_SUBSCRIBED = SdBusUnmappedMessageError(
+    "org.freedesktop.systemd1.AlreadySubscribed", "Client is already subscribed."
+)
+NOT_LOADED = SdBusUnmappedMessageError("org.freedesktop.systemd1.NoSuchUnit", "not loaded")
+
+
+def scope_answers(active: str, pids: list[int]) -> dict[str, Any]:
+    """GetUnit, the property reads and GetUnitProcesses of a loaded scope."""
+    props = {
+        "LoadState": "loaded",
+        "ActiveState": active,
+        "SubState": "running",
+        "Result": "success",
+    }
+    return {
+        "GetUnit": "/org/freedesktop/systemd1/unit/svm_2da_2escope",
+        "Get": lambda message: ("s", props[message.args[1]]),
+        "GetUnitProcesses": [[("/machine.slice/svm-a.scope", pid, "qemu") for pid in pids]],
+    }
+
+
+def test_call_left_unanswered_is_made_again_once_systemd_is_back(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    answers = Answers(KillUnit=[DbusNoReplyError(NO_REPLY), None], Subscribe=ALREADY_SUBSCRIBED)
+    calls = use_call_bus(systemd, answers)
+
+    async def scenario() -> None:
+        killing = asyncio.ensure_future(systemd.kill_unit("svm-a.scope", 15))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert members(calls) == ["KillUnit"] and not killing.done()  # waits for systemd
+        systemd_returns(systemd, bus)
+        await killing
+        await asyncio.gather(*systemd._tasks)
+
+    systemd._loop.run_until_complete(scenario())
+    assert members(calls) == ["KillUnit", "KillUnit", "Subscribe"]
+
+
+def test_call_left_unanswered_after_systemd_came_back_is_made_again_at_once(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    """The bus's NoReply (call connection) may come after NameOwnerChanged (signal connection)."""
+    systemd, bus, _events = adapter
+    no_reply = DbusNoReplyError(NO_REPLY)
+    answers = Answers(ResetFailedUnit=[no_reply, None], Subscribe=ALREADY_SUBSCRIBED)
+    answers.before_answer = lambda message: (
+        systemd_returns(systemd, bus) if message.member == "ResetFailedUnit" else None
+    )
+    calls = use_call_bus(systemd, answers)
+    systemd._loop.run_until_complete(systemd.reset_failed("svm-a.scope"))
+    assert members(calls)[:2] == ["ResetFailedUnit", "ResetFailedUnit"]
+
+
+def test_call_fails_with_the_bus_error_when_systemd_does_not_come_back(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    systemd, _bus, _events = adapter
+    monkeypatch.setattr(systemd_module, "SYSTEMD_AWAY_TIMEOUT", 0.05)
+    calls = use_call_bus(systemd, Answers(KillUnit=DbusNoReplyError(NO_REPLY)))
+    with pytest.raises(SystemdError, match=f"^killing svm-a.scope: {NO_REPLY}$"):
+        systemd._loop.run_until_complete(systemd.kill_unit("svm-a.scope", 15))
+    assert members(calls) == ["KillUnit"]
+
+
+def test_start_whose_reply_was_lost_is_done_when_the_scope_holds_the_process(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    pid = os.getpid()
+    answers = Answers(
+        StartTransientUnit=DbusNoReplyError(NO_REPLY),
+        Subscribe=ALREADY_SUBSCRIBED,
+        **scope_answers("active", [pid]),
+    )
+    answers.before_answer = lambda message: (
+        systemd_returns(systemd, bus) if message.member == "StartTransientUnit" else None
+    )
+    calls = use_call_bus(systemd, answers)
+    systemd._loop.run_until_complete(systemd.start_scope("svm-a.scope", [pid], PROPERTIES))
+    assert members(calls).count("StartTransientUnit") == 1  # not created twice
+    assert "GetUnitProcesses" in members(calls)
+    assert systemd._job_watches == {}
+
+
+def test_start_whose_reply_was_lost_creates_the_scope_it_did_not_create(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    unit = "svm-a.scope"
+
+    def job_done(message: FakeCallMessage) -> str:
+        removed = [9, JOB.encode(), unit.encode(), b"done"]
+        bus.queue.append(manager_signal(b"JobRemoved", removed, sender=NEW_OWNER))
+        systemd._loop.call_soon(systemd._drain)
+        return JOB
+
+    answers = Answers(
+        StartTransientUnit=[DbusNoReplyError(NO_REPLY), job_done],
+        GetUnit=NOT_LOADED,
+        Subscribe=ALREADY_SUBSCRIBED,
+    )
+    answers.before_answer = lambda message: (
+        systemd_returns(systemd, bus) if members(calls) == ["StartTransientUnit"] else None
+    )
+    calls = use_call_bus(systemd, answers)
+    systemd._loop.run_until_complete(systemd.start_scope(unit, [os.getpid()], PROPERTIES))
+    assert members(calls).count("StartTransientUnit") == 2
+
+
+def test_start_whose_reply_was_lost_refuses_a_scope_without_the_process(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    answers = Answers(
+        StartTransientUnit=DbusNoReplyError(NO_REPLY),
+        Subscribe=ALREADY_SUBSCRIBED,
+        **scope_answers("active", [1]),
+    )
+    answers.before_answer = lambda message: (
+        systemd_returns(systemd, bus) if message.member == "StartTransientUnit" else None
+    )
+    calls = use_call_bus(systemd, answers)
+    with pytest.raises(UnitExists, match="does not hold our process"):
+        systemd._loop.run_until_complete(
+            systemd.start_scope("svm-a.scope", [os.getpid()], PROPERTIES)
+        )
+    assert "StopUnit" not in members(calls)  # someone else's scope is left alone
+
+
+def test_stop_whose_reply_was_lost_is_done_when_the_unit_is_gone(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    answers = Answers(
+        StopUnit=DbusNoReplyError(NO_REPLY), GetUnit=NOT_LOADED, Subscribe=ALREADY_SUBSCRIBED
+    )
+    answers.before_answer = lambda message: (
+        systemd_returns(systemd, bus) if message.member == "StopUnit" else None
+    )
+    calls = use_call_bus(systemd, answers)
+    assert systemd._loop.run_until_complete(systemd.stop_unit("svm-a.scope")) == "done"
+    assert members(calls).count("StopUnit") == 1
+
+
+def test_job_in_progress_is_settled_from_the_unit_state_once_systemd_is_back(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    """A JobRemoved that the re-execution swallowed must not leave the stop waiting forever."""
+    systemd, bus, _events = adapter
+    answers = Answers(StopUnit=JOB, Subscribe=ALREADY_SUBSCRIBED, **scope_answers("inactive", []))
+    calls = use_call_bus(systemd, answers)
+
+    async def scenario() -> str:
+        stopping = asyncio.ensure_future(systemd.stop_unit("svm-a.scope"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert systemd._job_watches["svm-a.scope"][0].path == JOB
+        systemd_returns(systemd, bus)
+        return await stopping
+
+    assert systemd._loop.run_until_complete(scenario()) == "done"
+    assert members(calls)[:3] == ["StopUnit", "Subscribe", "GetUnit"]
+
+
+def test_subscribe_is_renewed_when_systemd_came_back_without_it(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    systemd, bus, _events = adapter
+    calls = use_call_bus(systemd, Answers(Subscribe=None))
+
+    async def scenario() -> None:
+        systemd_returns(systemd, bus)
+        await asyncio.gather(*systemd._tasks)
+
+    systemd._loop.run_until_complete(scenario())
+    assert members(calls) == ["Subscribe"]
+
+
+def test_scopes_unloaded_by_a_reload_are_reported_removed_only_if_they_stay_gone(
+    adapter: tuple[Systemd, FakeBus, list[UnitEvent]],
+) -> None:
+    """systemd sends UnitRemoved for every unit while it reloads or re-executes."""
+    systemd, bus, events = adapter
+
+    def get_unit(message: FakeCallMessage) -> str:
+        if message.args[0] == "svm-gone.scope":
+            raise NOT_LOADED
+        return "/org/freedesktop/systemd1/unit/svm_2da_2escope"
+
+    answers = Answers(
+        GetUnit=get_unit,
+        **{key: value for key, value in scope_answers("active", []).items() if key != "GetUnit"},
+    )
+    use_call_bus(systemd, answers)
+
+    async def scenario() -> None:
+        bus.queue += [
+            manager_signal(b"Reloading", True),
+            *(
+                manager_signal(b"UnitRemoved", [unit.encode(), unit_path(unit)])
+                for unit in ("svm-kept.scope", "svm-gone.scope")
+            ),
+        ]
+        systemd._drain()
+        assert [event.kind for event in events] == ["reloading"]
+        bus.queue.append(manager_signal(b"Reloading", False))
+        systemd._drain()
+        await asyncio.gather(*systemd._tasks)
+
+    systemd._loop.run_until_complete(scenario())
+    assert [(event.kind, event.unit) for event in events] == [
+        ("reloading", ""),
+        ("reloading", ""),
+        ("removed", "svm-gone.scope"),
+    ]
 
 
 # --- spawn trampoline with a fake scope creator ------------------------------------------------
