@@ -30,12 +30,12 @@ from sdbus import (
     dbus_method_async,
     dbus_property_async,
     dbus_signal_async,
-    encode_object_path,
     get_current_message,
 )
 from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
-from supervisord_vm import errors, journal
+from supervisord_vm import api, errors, journal
+from supervisord_vm.api import ADMIN_GROUP, ERROR_PREFIX, MANAGER_INTERFACE, MANAGER_PATH
 from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
 from supervisord_vm.shutdown_all import shutdown_all
 from supervisord_vm.signals import signal_number
@@ -45,27 +45,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUS_NAME = "org.supervisordvm1"
-MANAGER_PATH = "/org/supervisordvm1"
-MACHINE_PATH_PREFIX = "/org/supervisordvm1/machine"
-MANAGER_INTERFACE = "org.supervisordvm1.Manager"
-MACHINE_INTERFACE = "org.supervisordvm1.Machine"
-ERROR_PREFIX = "org.supervisordvm1.Error."
-ADMIN_GROUP = "supervisord-vm"
+# The API's names live in api.py (svmctl reads them without loading sdbus); these are named
+# here too for the daemon, the tests and other existing callers.
+BUS_NAME = api.BUS_NAME
+MACHINE_PATH_PREFIX = api.MACHINE_PATH_PREFIX
+MACHINE_INTERFACE = api.MACHINE_INTERFACE
+TIMEOUT_MAX = api.TIMEOUT_MAX
+machine_path = api.machine_path
 # The core's audit MESSAGE_ID (supervisor.AUDIT_MESSAGE_ID, derived the same way; importing the
 # core here would load it into svmctl too): refusals and accepted calls share one catalogue id.
 AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").hex
 LOG_TAIL_LIMIT = 1 << 20  # bytes of QEMU output one GetLog call may return
-# The longest wait a caller may ask for; svmctl's own bus call timeout is the same 7 days.
-TIMEOUT_MAX = 7 * 24 * 3600.0
 
 T = TypeVar("T")
-
-
-def machine_path(name: str) -> str:
-    """Object path of VM ``name``; sd-bus escaping round-trips every valid name."""
-    path: str = encode_object_path(MACHINE_PATH_PREFIX, name)
-    return path
 
 
 # --- errors: one D-Bus name per core error -------------------------------------------------

@@ -4,24 +4,22 @@ It only speaks D-Bus: every command is one or a few method calls (`list` and `st
 ObjectManager.GetManagedObjects, Properties.GetAll); answers become tables or JSON,
 D-Bus error names become exit codes (0 ok, 1 other, 2 usage, 3 busy, 4 no such VM, 5 timeout,
 6 permission denied).
+
+It runs for every command a user or script types, so its start-up is part of every command's
+latency: it imports only what it needs (wire.py's blocking client instead of sdbus, which loads
+asyncio; the definition and signal modules only in the commands that use them), never the
+daemon's modules.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
 
-from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
-from sdbus.sd_bus_internals import SdBusUnmappedMessageError
-
-from supervisord_vm.bus import (
+from supervisord_vm.api import (
     ADMIN_GROUP,
     BUS_NAME,
     ERROR_PREFIX,
@@ -29,12 +27,15 @@ from supervisord_vm.bus import (
     MANAGER_INTERFACE,
     MANAGER_PATH,
     TIMEOUT_MAX,
-    InvalidArgumentError,
     machine_path,
-    parse_signal,
 )
-from supervisord_vm.definition import DEFINITION_MAX_BYTES
-from supervisord_vm.signals import signal_name
+from supervisord_vm.wire import BusError, Connection
+
+# typing.TYPE_CHECKING without importing typing at run time (mypy knows any TYPE_CHECKING name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -60,10 +61,10 @@ EXIT_CODES = {
 }
 NOT_RUNNING_HINT = "daemon not running: systemctl start supervisord-vm"
 SERVICE_HINT = "see `systemctl status supervisord-vm` and `journalctl -u supervisord-vm`"
-# sd-bus gives up on a reply after 25 s by default; shutdown and destroy may legitimately take
-# longer (the caller chooses the timeout, a VM's stop timeout may be up to an hour), so the
-# daemon, not the bus library, decides when a call ends.
-CALL_TIMEOUT_USEC = 7 * 24 * 3600 * 1_000_000
+# Calls wait for their reply without a time limit of their own (sd-bus would give up after
+# 25 s): shutdown and destroy may legitimately take longer (the caller chooses the timeout, a
+# VM's stop timeout may be up to an hour), so the daemon, not the bus library, decides when a
+# call ends. A daemon that dies meanwhile still ends the call: the bus answers NoReply.
 
 # What a refused method would have done, for "permission denied: starting VMs needs ...".
 ACTIONS = {
@@ -124,14 +125,6 @@ class CommandError(Exception):
         self.code = code
 
 
-def _error_name_and_text(exc: SdBusBaseError) -> tuple[str, str]:
-    name = getattr(exc, "dbus_error_name", "")
-    if isinstance(exc, SdBusUnmappedMessageError) and len(exc.args) >= 2:
-        return str(exc.args[0]), str(exc.args[1])
-    text = str(exc.args[0]) if exc.args else ""
-    return str(name), text
-
-
 def permission_denied(method: str) -> CommandError:
     """The same sentence whether the bus policy or the daemon itself refused the call."""
     action = ACTIONS.get(method, f"calling {method}")
@@ -178,29 +171,41 @@ def translate(name: str, text: str, method: str) -> CommandError:
 class Client:
     """Method calls on org.supervisordvm1 through a system bus connection."""
 
-    def __init__(self, bus: SdBus) -> None:
+    def __init__(self, bus: Connection) -> None:
         self.bus = bus
 
-    async def call(
-        self, path: str, interface: str, method: str, signature: str = "", *args: Any
-    ) -> Any:
-        message = self.bus.new_method_call_message(BUS_NAME, path, interface, method)
-        if signature:
-            message.append_data(signature, *args)
+    def call(self, path: str, interface: str, method: str, signature: str = "", *args: Any) -> Any:
         try:
-            reply = await self.bus.call_async(message)
-        except SdBusBaseError as exc:
-            raise translate(*_error_name_and_text(exc), method) from None
-        return reply.get_contents()
+            return self.bus.call(BUS_NAME, path, interface, method, signature, *args)
+        except BusError as exc:
+            raise translate(exc.name, exc.text, method) from None
 
-    async def manager(self, method: str, signature: str = "", *args: Any) -> Any:
-        return await self.call(MANAGER_PATH, MANAGER_INTERFACE, method, signature, *args)
+    def manager(self, method: str, signature: str = "", *args: Any) -> Any:
+        return self.call(MANAGER_PATH, MANAGER_INTERFACE, method, signature, *args)
 
-    async def status(self, name: str) -> dict[str, Any]:
+    def subscribe_events(self) -> None:
+        try:
+            self.bus.add_match(
+                f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',"
+                f"interface='{MANAGER_INTERFACE}',member='MachineEvent'"
+            )
+        except BusError as exc:
+            raise translate(exc.name, exc.text, "AddMatch") from None
+
+    def events(self) -> Iterator[tuple[Any, ...]]:
+        """MachineEvent signals as they come (after subscribe_events); blocks."""
+        try:
+            for message in self.bus.signals():
+                if message.member == "MachineEvent" and message.interface == MANAGER_INTERFACE:
+                    yield tuple(message.body)
+        except BusError as exc:
+            raise translate(exc.name, exc.text, "GetEvents") from None
+
+    def status(self, name: str) -> dict[str, Any]:
         """One Properties.GetAll on the VM's object, whose path follows from its name."""
         path = machine_path(name)
         try:
-            props = await self.call(
+            props = self.call(
                 path, "org.freedesktop.DBus.Properties", "GetAll", "s", MACHINE_INTERFACE
             )
         except CommandError as exc:
@@ -209,11 +214,9 @@ class Client:
             raise
         return _status_of(path, props)
 
-    async def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[dict[str, Any]]:
         """Every VM, by name, from one ObjectManager.GetManagedObjects."""
-        objects = await self.call(
-            MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
-        )
+        objects = self.call(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
         found = [
             _status_of(path, interfaces[MACHINE_INTERFACE])
             for path, interfaces in objects.items()
@@ -273,6 +276,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if status["exit_status"] >= 0:
         exit_parts.append(f"status={status['exit_status']}")
     if status["exit_signal"]:
+        from supervisord_vm.signals import signal_name  # noqa: PLC0415 - only status needs it
+
         exit_parts.append(f"signal={signal_name(status['exit_signal'])}")
     lines = [
         ("Name", status["name"]),
@@ -294,8 +299,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 # --- commands ----------------------------------------------------------------------------------
 
 
-async def cmd_list(client: Client, args: argparse.Namespace) -> int:
-    statuses = [s for s in await client.statuses() if args.all or s["state"] != "shutoff"]
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    statuses = [s for s in client.statuses() if args.all or s["state"] != "shutoff"]
     if args.json:
         print(json.dumps([{key: s[key] for key in STATUS_KEYS} for s in statuses]))
         return EXIT_OK
@@ -318,18 +323,20 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    _print_status(await client.status(args.name), args.json)
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    _print_status(client.status(args.name), args.json)
     return EXIT_OK
 
 
 def _read_definition(path: str) -> str:
     """The file's text; at most DEFINITION_MAX_BYTES are read, so /dev/zero cannot hang us."""
+    from supervisord_vm.definition import DEFINITION_MAX_BYTES  # noqa: PLC0415 - not for list
+
     try:
         if path == "-":
             data = sys.stdin.buffer.read(DEFINITION_MAX_BYTES + 1)
         else:
-            with Path(path).open("rb") as stream:
+            with open(path, "rb") as stream:  # not pathlib: importing it costs start-up time
                 data = stream.read(DEFINITION_MAX_BYTES + 1)
         if len(data) > DEFINITION_MAX_BYTES:
             raise CommandError(
@@ -343,11 +350,11 @@ def _read_definition(path: str) -> str:
         raise CommandError(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
 
 
-async def _report(client: Client, args: argparse.Namespace, name: str, verb: str) -> int:
+def _report(client: Client, args: argparse.Namespace, name: str, verb: str) -> int:
     """After a changing command: the VM's status as JSON, or one line for a person."""
     if args.json:
         try:
-            print(json.dumps({k: v for k, v in (await client.status(name)).items()}))
+            print(json.dumps({k: v for k, v in (client.status(name)).items()}))
         except CommandError:
             print(json.dumps({"name": name, "result": verb}))
     else:
@@ -355,36 +362,36 @@ async def _report(client: Client, args: argparse.Namespace, name: str, verb: str
     return EXIT_OK
 
 
-async def _name_of(client: Client, path: str) -> str:
+def _name_of(client: Client, path: str) -> str:
     """The Name property of a machine object (Define and Create answer with its path)."""
-    reply = await client.call(
+    reply = client.call(
         path, "org.freedesktop.DBus.Properties", "Get", "ss", MACHINE_INTERFACE, "Name"
     )
     return str(reply[1])
 
 
-async def cmd_define(client: Client, args: argparse.Namespace) -> int:
-    path = await client.manager("Define", "s", _read_definition(args.file))
-    name = await _name_of(client, path)
+def cmd_define(client: Client, args: argparse.Namespace) -> int:
+    path = client.manager("Define", "s", _read_definition(args.file))
+    name = _name_of(client, path)
     if not args.json:
         # libvirt semantics: a running VM keeps its configuration until it starts again.
-        with contextlib.suppress(CommandError):
-            state = (await client.status(name))["state"]
-            if state != "shutoff":
-                print(
-                    f"{name}: defined (it is {state}; the new definition applies at its next start)"
-                )
-                return EXIT_OK
-    return await _report(client, args, name, "defined")
+        try:
+            state = (client.status(name))["state"]
+        except CommandError:
+            state = "shutoff"
+        if state != "shutoff":
+            print(f"{name}: defined (it is {state}; the new definition applies at its next start)")
+            return EXIT_OK
+    return _report(client, args, name, "defined")
 
 
-async def cmd_create(client: Client, args: argparse.Namespace) -> int:
-    path = await client.manager("Create", "s", _read_definition(args.file))
-    return await _report(client, args, await _name_of(client, path), "created and started")
+def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    path = client.manager("Create", "s", _read_definition(args.file))
+    return _report(client, args, _name_of(client, path), "created and started")
 
 
-async def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
-    await client.manager("Undefine", "s", args.name)
+def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
+    client.manager("Undefine", "s", args.name)
     if args.json:
         print(json.dumps({"name": args.name, "result": "undefined"}))
     else:
@@ -392,34 +399,32 @@ async def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _simple(
-    method: str, verb: str
-) -> Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]]:
-    async def command(client: Client, args: argparse.Namespace) -> int:
-        await client.manager(method, "s", args.name)
-        return await _report(client, args, args.name, verb)
+def _simple(method: str, verb: str) -> Callable[[Client, argparse.Namespace], int]:
+    def command(client: Client, args: argparse.Namespace) -> int:
+        client.manager(method, "s", args.name)
+        return _report(client, args, args.name, verb)
 
     return command
 
 
-async def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
-    await client.manager("Shutdown", "sdb", args.name, args.timeout or 0.0, args.then_destroy)
-    return await _report(client, args, args.name, "shut down")
+def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
+    client.manager("Shutdown", "sdb", args.name, args.timeout or 0.0, args.then_destroy)
+    return _report(client, args, args.name, "shut down")
 
 
-async def cmd_destroy(client: Client, args: argparse.Namespace) -> int:
+def cmd_destroy(client: Client, args: argparse.Namespace) -> int:
     mode = "graceful" if args.graceful else "force" if args.force else "default"
-    await client.manager("Destroy", "ssd", args.name, mode, args.timeout or 0.0)
-    return await _report(client, args, args.name, "destroyed")
+    client.manager("Destroy", "ssd", args.name, mode, args.timeout or 0.0)
+    return _report(client, args, args.name, "destroyed")
 
 
-async def cmd_kill(client: Client, args: argparse.Namespace) -> int:
-    await client.manager("Kill", "ss", args.name, args.signal)
-    return await _report(client, args, args.name, f"sent {args.signal}")
+def cmd_kill(client: Client, args: argparse.Namespace) -> int:
+    client.manager("Kill", "ss", args.name, args.signal)
+    return _report(client, args, args.name, f"sent {args.signal}")
 
 
-async def cmd_reload(client: Client, args: argparse.Namespace) -> int:
-    added, removed, changed, errors = await client.manager("Reload")
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    added, removed, changed, errors = client.manager("Reload")
     if args.json:
         print(
             json.dumps({"added": added, "removed": removed, "changed": changed, "errors": errors})
@@ -432,8 +437,8 @@ async def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if errors else EXIT_OK
 
 
-async def cmd_shutdown_all(client: Client, args: argparse.Namespace) -> int:
-    results = await client.manager("ShutdownAll", "du", args.timeout or 0.0, args.parallel)
+def cmd_shutdown_all(client: Client, args: argparse.Namespace) -> int:
+    results = client.manager("ShutdownAll", "du", args.timeout or 0.0, args.parallel)
     if args.json:
         print(json.dumps({name: outcome for name, outcome in results}))
     else:
@@ -442,36 +447,24 @@ async def cmd_shutdown_all(client: Client, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(o.startswith("error") for _, o in results) else EXIT_OK
 
 
-async def cmd_events(client: Client, args: argparse.Namespace) -> int:
-    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    slot = None
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    if args.follow:  # subscribed before the history is read, so nothing falls in between
+        client.subscribe_events()
+    history = client.manager("GetEvents", "s", args.name or "")
+    seen = set()
+    for row in history:
+        seen.add(tuple(row))
+        _print_event(row, args.json)
     if args.follow:
-
-        def on_signal(message: Any) -> None:
-            queue.put_nowait(tuple(message.get_contents()))
-
-        slot = await client.bus.match_signal_async(
-            BUS_NAME, MANAGER_PATH, MANAGER_INTERFACE, "MachineEvent", on_signal
-        )
-    try:
-        history = await client.manager("GetEvents", "s", args.name or "")
-        seen = set()
-        for row in history:
-            seen.add(tuple(row))
-            _print_event(row, args.json)
-        while args.follow:
-            row = await queue.get()
+        for row in client.events():
             if row in seen or (args.name and row[1] != args.name):
                 continue
             _print_event(row, args.json)
-    finally:
-        if slot is not None:
-            slot.close()
     return EXIT_OK
 
 
-async def cmd_log(client: Client, args: argparse.Namespace) -> int:
-    text = await client.manager("GetLog", "su", args.name, args.lines)
+def cmd_log(client: Client, args: argparse.Namespace) -> int:
+    text = client.manager("GetLog", "su", args.name, args.lines)
     if args.json:
         print(json.dumps({"name": args.name, "log": text}))
     elif text:
@@ -525,10 +518,13 @@ def _line_count(text: str) -> int:
 
 
 def _signal(text: str) -> str:
-    """Checked here for exit code 2; sent as typed, the daemon parses it the same way."""
+    """Checked here for exit code 2; sent as typed, the daemon parses it the same way
+    (bus.parse_signal: the same function, the same message)."""
+    from supervisord_vm.signals import signal_number  # noqa: PLC0415 - only kill needs it
+
     try:
-        parse_signal(text)
-    except InvalidArgumentError as exc:
+        signal_number(text)
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
@@ -537,7 +533,25 @@ def _parallel(text: str) -> int:
     return _count(text, "VMs at once (0: all)")
 
 
+def _skip_missing_translations() -> None:
+    """Let argparse skip its message-catalogue look-ups when there is no catalogue.
+
+    argparse passes every text it builds through gettext, which searches the locale
+    directories afresh each time: 54 searches (hundreds of stat calls, about 9 ms, half of
+    svmctl's own start-up) to build this parser, all finding nothing on a host without a
+    catalogue for the current text domain. Searched once here: if there is none, gettext
+    would return every text unchanged, so argparse may as well use them as they are.
+    """
+    import gettext  # noqa: PLC0415 - argparse has imported it already
+
+    if gettext.find(gettext.textdomain()) is None:
+        namespace = vars(argparse)
+        namespace["_"] = lambda message: message
+        namespace["ngettext"] = lambda singular, plural, n: singular if n == 1 else plural
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _skip_missing_translations()
     parser = argparse.ArgumentParser(
         prog="svmctl",
         description="Control QEMU VMs supervised by supervisord-vm (over D-Bus).",
@@ -674,18 +688,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     try:
-        bus = sd_bus_open_system()
-    except SdBusBaseError as exc:
-        raise CommandError(f"cannot connect to the system bus (is dbus running?): {exc}") from None
-    bus.method_call_timeout_usec = CALL_TIMEOUT_USEC
-    try:
-        handler = args.handler
-        result: int = await handler(Client(bus), args)
+        bus = Connection()
+    except (OSError, BusError) as exc:
+        reason = exc.text if isinstance(exc, BusError) else exc.strerror or str(exc)
+        raise CommandError(
+            f"cannot connect to the system bus (is dbus running?): {reason}"
+        ) from None
+    with bus:
+        result: int = args.handler(Client(bus), args)
         return result
-    finally:
-        bus.close()
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -696,7 +709,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(_run(args))
+        return _run(args)
     except CommandError as exc:
         _fail(str(exc), exc.code)
     except KeyboardInterrupt:

@@ -119,7 +119,7 @@ def test_definition_reading_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
 def test_unexpected_error_is_a_sentence_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def broken(_args: object) -> int:
+    def broken(_args: object) -> int:  # svmctl's calls are synchronous (wire.py)
         raise OverflowError("Cannot convert int to 'u' type")
 
     monkeypatch.setattr(cli, "_run", broken)
