@@ -477,6 +477,7 @@ NAMED_FAILURES = (
     "is already starting",
     "cannot ",
     "still running",
+    "stopped during",  # NotRunning: QEMU exited under the command (a pause racing a destroy)
 )
 
 
