@@ -145,6 +145,7 @@ class Daemon:
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._status_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchdog_task: asyncio.Task[None] | None = None
         self._bus_watch: object = None  # the Disconnected match slot, kept referenced
@@ -276,6 +277,19 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _status_soon(self, supervisor: Supervisor) -> None:
+        """STATUS= once per loop turn, not per event: counting every VM for each of a burst
+        of events (start-all, shutdown-all of hundreds) would grow with the host squared."""
+        if self._status_pending:
+            return
+        self._status_pending = True
+
+        def send() -> None:
+            self._status_pending = False
+            self.notifier.status(supervisor.summary())
+
+        asyncio.get_running_loop().call_soon(send)
+
     async def _reload_from_signal(self) -> None:
         try:
             await self.reload()
@@ -320,9 +334,7 @@ class Daemon:
                     f"the bus name {BUS_NAME} is taken by another process "
                     f"({type(exc).__name__}); is another supervisord-vm running?"
                 ) from None
-            unsubscribe = supervisor.subscribe(
-                lambda _event: self.notifier.status(supervisor.summary())
-            )
+            unsubscribe = supervisor.subscribe(lambda _event: self._status_soon(supervisor))
             self.notifier.send("READY=1", f"STATUS={supervisor.summary()}")
             log.info("ready: %s", supervisor.summary())
             await self.stopping.wait()

@@ -720,19 +720,21 @@ class Machine:
             await self.clear_scope()
         except SvmError as err:
             log.warning("VM %s: cannot clear scope %s: %s", self.name, self.unit, err)
-        # The exit record before the runtime files: a daemon killed in between leaves the
-        # runtime record, and the next one finishes this cleanup with the recorded reason.
+        # The exit record, then the event, then the runtime files: a daemon killed before the
+        # runtime record is gone leaves it, and the next one finishes this cleanup with the
+        # recorded reason and announces the exit (again, at worst, saying it is a replay:
+        # never not at all).
         self.reason, self.exit = reason, info
         await self._record_exit()
-        try:
-            self.ctx.runtime.remove(self.name)
-        except OSError as err:
-            log.warning("VM %s: cannot remove runtime files: %s", self.name, err)
         if run is None or self.run is run:
             self.run = None
         self.state = State.SHUTOFF  # every state may end in shutoff (TRANSITIONS)
         self.stop_requested = requested
         self.emit(EventType.STOPPED, message)
+        try:
+            self.ctx.runtime.remove(self.name)
+        except OSError as err:
+            log.warning("VM %s: cannot remove runtime files: %s", self.name, err)
         if run is not None and not run.settled.done():
             run.settled.set_result(reason)
         self.ctx.on_exit(self, reason)
