@@ -40,6 +40,7 @@ from supervisord_vm.model import (
     State,
 )
 from supervisord_vm.qemu import QmpSession
+from supervisord_vm.restart_policy import RestartPolicy, RestartPolicyLimits
 from supervisord_vm.store import (
     DefinitionStore,
     Paths,
@@ -70,16 +71,6 @@ MESSAGE_IDS: dict[EventType, str] = {
 }
 AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").hex
 
-# Which exits the restart policies restart after. An explicit destroy, an external
-# `systemctl stop` and a failed start are never undone; `always` also covers guest power-off.
-# Nor is any exit during a stop asked through the daemon (Machine.stop_requested): a shutdown
-# the user asked for, or a destroy cut off by a daemon restart, stays down.
-RESTART_AFTER: dict[str, frozenset[Reason]] = {
-    "no": frozenset(),
-    "on-crash": frozenset({Reason.CRASHED}),
-    "always": frozenset({Reason.CRASHED, Reason.SHUTDOWN, Reason.LOST}),
-}
-
 
 @dataclass(frozen=True)
 class ReloadReport:
@@ -87,16 +78,6 @@ class ReloadReport:
     removed: list[str]
     changed: list[str]
     errors: list[str]
-
-
-@dataclass(frozen=True)
-class RestartPolicyLimits:
-    """Backoff and limit of automatic restarts (constructor parameters so tests run fast)."""
-
-    backoff: float = 1.0  # first delay; doubles per restart within the window
-    backoff_max: float = 30.0
-    limit: int = 5  # restarts within `window`; then restarting stops and `crashed` stays
-    window: float = 60.0
 
 
 class Supervisor:
@@ -118,7 +99,7 @@ class Supervisor:
         self._definitions = DefinitionStore(paths.definitions_dir)
         self._runtime = RuntimeStore(paths.runtime_dir)
         self._state = StateStore(paths.state_dir)
-        self._limits = restart_limits or RestartPolicyLimits()
+        self._restarts = RestartPolicy(restart_limits or RestartPolicyLimits())
         self._ctx = MachineContext(
             paths=paths,
             systemd=systemd,
@@ -139,8 +120,6 @@ class Supervisor:
         self._registry_watchers: list[Callable[[str], None]] = []
         self._recent: collections.deque[MachineEvent] = collections.deque(maxlen=RECENT_EVENTS)
         self._recent_by_vm: dict[str, collections.deque[MachineEvent]] = {}
-        self._restart_history: dict[str, collections.deque[float]] = {}
-        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._unsubscribe_units: Callable[[], None] | None = None
         self._definitions_lock = asyncio.Lock()  # definition files change one at a time
         self._broken_on_disk: set[str] = set()  # at start-up: NAME.toml there but unusable
@@ -337,9 +316,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Detach from every VM and leave it running."""
-        for task in self._restart_tasks.values():
-            task.cancel()
-        self._restart_tasks.clear()
+        self._restarts.cancel_all()
         if self._unsubscribe_units is not None:
             self._unsubscribe_units()
             self._unsubscribe_units = None
@@ -492,62 +469,20 @@ class Supervisor:
 
     def _on_exit(self, machine: Machine, reason: Reason) -> None:
         name = machine.name
-        if self._schedule_restart(machine, reason):
+        if self._restarts.schedule(machine, reason, self._restart_if_known):
             return
         if machine.transient and self._machines.get(name) is machine:
             self._forget(name)
-            self._restart_history.pop(name, None)
+            self._restarts.forget(name)
             self._state.remove_exit(name)
 
-    def _schedule_restart(self, machine: Machine, reason: Reason) -> bool:
-        if machine.stop_requested:
-            return False
-        if reason not in RESTART_AFTER.get(machine.definition.restart, frozenset()):
-            return False
-        now = time.monotonic()
-        history = self._restart_history.setdefault(machine.name, collections.deque())
-        while history and now - history[0] > self._limits.window:
-            history.popleft()
-        if len(history) >= self._limits.limit:
-            message = (
-                f"restart limit reached ({self._limits.limit} in {self._limits.window:g} s); "
-                "not restarting"
-            )
-            log.warning("VM %s: %s", machine.name, message)
-            journal.send(
-                f"VM {machine.name}: {message}",
-                logging.WARNING,
-                VM_NAME=machine.name,
-                VM_UNIT=machine.unit,
-                VM_REASON=str(reason),
-            )
-            return False
-        delay = min(self._limits.backoff * 2 ** len(history), self._limits.backoff_max)
-        history.append(now)
-        # The exit's cleanup has already recorded `reason` on the machine.
-        machine.emit(
-            EventType.RESTARTING, f"restart {len(history)} of {self._limits.limit} in {delay:g} s"
-        )
-        self._cancel_restart(machine.name)
-        task = asyncio.ensure_future(self._restart_later(machine, delay))
-        self._restart_tasks[machine.name] = task
-        return True
-
-    async def _restart_later(self, machine: Machine, delay: float) -> None:
-        try:
-            await asyncio.sleep(delay)  # the backoff itself, not a poll
-            if self._machines.get(machine.name) is machine and machine.state is State.SHUTOFF:
-                await machine.start()
-        except SvmError as err:
-            log.error("restart of VM %s failed: %s", machine.name, err)
-        finally:
-            if self._restart_tasks.get(machine.name) is asyncio.current_task():
-                del self._restart_tasks[machine.name]
+    async def _restart_if_known(self, machine: Machine) -> None:
+        """The restart policy's start: only of a VM still known and still shut off."""
+        if self._machines.get(machine.name) is machine and machine.state is State.SHUTOFF:
+            await machine.start()
 
     def _cancel_restart(self, name: str) -> None:
-        task = self._restart_tasks.pop(name, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._restarts.cancel(name)
 
     # --- audited operations ---------------------------------------------------------------------
 
@@ -610,7 +545,7 @@ class Supervisor:
             machine.emit(EventType.UNDEFINED)
             if machine.state is State.SHUTOFF:
                 self._forget(name)
-                self._restart_history.pop(name, None)
+                self._restarts.forget(name)
                 self._state.remove_exit(name)
             else:
                 machine.set_transient(True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from supervisord_vm import run as run_module
 from supervisord_vm.model import EventType, MachineEvent, Reason
+from supervisord_vm.restart_policy import RestartPolicyLimits
 from supervisord_vm.store import Paths
-from supervisord_vm.supervisor import RestartPolicyLimits, Supervisor
+from supervisord_vm.supervisor import Supervisor
 from supervisord_vm.systemd import Systemd
 from tests.guests import write_acpi_guest, write_deaf_guest
 

@@ -25,7 +25,8 @@ import pytest
 
 from supervisord_vm.definition import parse_definition
 from supervisord_vm.model import DestroyMode, EventType, Reason, State
-from supervisord_vm.supervisor import RestartPolicyLimits, Supervisor
+from supervisord_vm.restart_policy import RestartPolicyLimits
+from supervisord_vm.supervisor import Supervisor
 from tests.integration.lifecycle_env import Env, failed_units, lifecycle_env, wait_gone
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from supervisord_vm.errors import (
     StartFailed,
 )
 from supervisord_vm.model import DestroyMode, EventType, Reason, State
-from supervisord_vm.supervisor import RestartPolicyLimits
+from supervisord_vm.restart_policy import RestartPolicyLimits
 from supervisord_vm.systemd import UnitEvent
 from tests.integration.lifecycle_env import (
     WAIT,

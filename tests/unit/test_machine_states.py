@@ -23,7 +23,8 @@ from supervisord_vm.lifecycle import (
     classify_settled,
 )
 from supervisord_vm.model import DestroyMode, Reason, State
-from supervisord_vm.supervisor import MESSAGE_IDS, RESTART_AFTER
+from supervisord_vm.restart_policy import RESTART_AFTER
+from supervisord_vm.supervisor import MESSAGE_IDS
 
 SHUTDOWN = lifecycle.shutdown(1.0)
 
