@@ -884,16 +884,23 @@ class Systemd:
         await self._settle_removals()
 
     async def _settle_removals(self) -> None:
-        """Report the scopes systemd removed while reloading that it did not load again."""
+        """Report the scopes systemd removed while reloading that it did not load again.
+
+        One listing of this project's scopes answers for all of them, however many VMs run.
+        """
         units, self._removed_while_reloading = self._removed_while_reloading, set()
-        for unit in sorted(units):
-            try:
-                gone = await self.unit_status(unit) is None
-            except SystemdError as err:
-                log.error("cannot read %s after systemd reloaded: %s", unit, err)
-                gone = True  # a false "removed" only makes the owner look at its process
-            if gone:
-                self._unit_removed(unit)
+        if not units:
+            return
+        try:
+            rows = await self._manager(
+                "listing scopes after a reload", "ListUnitsByPatterns", "asas", [], [SCOPE_PATTERN]
+            )
+            loaded = {_text(row[0]) for row in rows or []}
+        except SystemdError as err:
+            log.error("cannot list scopes after systemd reloaded: %s", err)
+            loaded = set()  # a false "removed" only makes the owner look at its process
+        for unit in sorted(units - loaded):
+            self._unit_removed(unit)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)

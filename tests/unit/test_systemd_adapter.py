@@ -720,16 +720,8 @@ def test_scopes_unloaded_by_a_reload_are_reported_removed_only_if_they_stay_gone
     """systemd sends UnitRemoved for every unit while it reloads or re-executes."""
     systemd, bus, events = adapter
 
-    def get_unit(message: FakeCallMessage) -> str:
-        if message.args[0] == "svm-gone.scope":
-            raise NOT_LOADED
-        return "/org/freedesktop/systemd1/unit/svm_2da_2escope"
-
-    answers = Answers(
-        GetUnit=get_unit,
-        **{key: value for key, value in scope_answers("active", []).items() if key != "GetUnit"},
-    )
-    use_call_bus(systemd, answers)
+    loaded = [("svm-kept.scope", "", "loaded", "active", "running", "", "/unit/x", 0, "", "/")]
+    calls = use_call_bus(systemd, Answers(ListUnitsByPatterns=[loaded]))
 
     async def scenario() -> None:
         bus.queue += [
@@ -751,6 +743,8 @@ def test_scopes_unloaded_by_a_reload_are_reported_removed_only_if_they_stay_gone
         ("reloading", ""),
         ("removed", "svm-gone.scope"),
     ]
+    (listing,) = calls.calls  # one listing for all the scopes, however many
+    assert listing.args == ([], ["svm-*.scope"])
 
 
 # --- spawn trampoline with a fake scope creator ------------------------------------------------
