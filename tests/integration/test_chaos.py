@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.processes import qemu_processes
 from tests.integration.test_service import (
     ACPI_IMAGE,
     DEAF_IMAGE,
@@ -163,31 +164,6 @@ class ExitClock:
         os.close(self._wake_r)
         os.close(self._wake_w)
         return self.times
-
-
-def qemu_processes() -> tuple[dict[str, list[int]], list[int]]:
-    """Live QEMUs by VM name (their `-name guest=NAME`), and spawn trampolines never exec'd.
-
-    Like test_crash_consistency's, which cannot be imported here: that module imports the
-    core from the checkout, and this file tests only the installed service.
-    """
-    found: dict[str, list[int]] = {}
-    trampolines: list[int] = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0] if argv else "X"
-        except OSError:
-            continue
-        if state in ("Z", "X") or b"-name" not in argv:
-            continue
-        if any(arg.endswith(b"_spawn_trampoline.py") for arg in argv):
-            trampolines.append(int(entry.name))
-            continue
-        value = argv[argv.index(b"-name") + 1].decode()
-        if value.startswith("guest="):
-            found.setdefault(value[6:].split(",")[0], []).append(int(entry.name))
-    return found, trampolines
 
 
 def listed() -> dict[str, dict[str, object]]:

@@ -28,6 +28,7 @@ from supervisord_vm.model import DestroyMode, EventType, Reason, State
 from supervisord_vm.restart_policy import RestartPolicyLimits
 from supervisord_vm.supervisor import Supervisor
 from tests.integration.lifecycle_env import Env, failed_units, lifecycle_env, wait_gone
+from tests.integration.processes import qemu_processes
 
 pytestmark = pytest.mark.integration
 
@@ -84,29 +85,6 @@ async def run_child(env: Env, case: Case, arg: str) -> list[str]:
             f"{out!r} {err[-2000:]!r}"
         ]
     return []
-
-
-def qemu_processes() -> tuple[dict[str, list[int]], list[int]]:
-    """Live QEMUs by VM name, from their command lines; and spawn trampolines (not exec'd)."""
-    found: dict[str, list[int]] = {}
-    trampolines: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if state in ("Z", "X") or b"-name" not in argv:
-            continue
-        if any(arg.endswith(b"_spawn_trampoline.py") for arg in argv):
-            trampolines.append(int(entry.name))
-            continue
-        value = argv[argv.index(b"-name") + 1].decode()
-        if value.startswith("guest="):
-            found.setdefault(value[6:].split(",")[0], []).append(int(entry.name))
-    return found, trampolines
 
 
 async def cpu_status(supervisor: Supervisor, name: str) -> str:
