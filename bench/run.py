@@ -175,6 +175,21 @@ class Client:
     def __init__(self) -> None:
         self.bus: SdBus = sd_bus_open_system()
 
+    @classmethod
+    async def open(cls) -> Client:
+        """A connection that has finished authenticating with the bus.
+
+        sd-bus authenticates only when the connection is first used, and dbus-daemon drops a
+        connection that has not authenticated within its auth_timeout (30 s): a client opened
+        and left waiting through the 60 s idle window failed its first call with
+        'Connection terminated'."""
+        client = cls()
+        message = client.bus.new_method_call_message(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId"
+        )
+        await client.bus.call_async(message)
+        return client
+
     async def call(self, method: str, signature: str = "", *args: Any) -> Any:
         message = self.bus.new_method_call_message(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, method)
         if signature:
@@ -367,7 +382,7 @@ async def bare_once(work: Path, index: int) -> tuple[float, float]:
 
 
 async def latency(runs: int, use_libvirt: bool, work: Path) -> dict[str, Any]:
-    client = Client()
+    client = await Client.open()
     events = ShutoffEvents(client.bus)
     await events.subscribe()
     result = Latency()
@@ -538,9 +553,11 @@ def hot_functions(collapsed: str, top: int = 10) -> dict[str, Any]:
 
 
 async def call_all(
-    clients: Sequence[Client], names: Sequence[str], method: str, signature: str, *args: Any
+    parallel: int, names: Sequence[str], method: str, signature: str, *args: Any
 ) -> float:
-    """`method(name, *args)` for every name, one call in flight per client; the seconds taken."""
+    """`method(name, *args)` for every name from PARALLEL new clients, one call in flight each;
+    the seconds taken (connecting is not counted)."""
+    clients = [await Client.open() for _ in range(parallel)]
     queue = list(reversed(names))
 
     async def worker(client: Client) -> None:
@@ -548,7 +565,11 @@ async def call_all(
             await client.call(method, signature, queue.pop(), *args)
 
     begin = time.perf_counter()
-    await asyncio.gather(*(worker(client) for client in clients))
+    try:
+        await asyncio.gather(*(worker(client) for client in clients))
+    finally:
+        for client in clients:
+            client.close()
     return time.perf_counter() - begin
 
 
@@ -572,8 +593,7 @@ async def scale_ours(
     count: int, idle: float, reps: int, work: Path, profile: bool
 ) -> dict[str, Any]:
     names = [f"s{index:04d}" for index in range(count)]
-    clients = [Client() for _ in range(CONCURRENT_CLIENTS)]
-    one = clients[0]
+    one = await Client.open()
     out: dict[str, Any] = {"count": count}
     profiles: dict[str, Any] | None = {} if profile else None
     if profiles is not None:
@@ -583,15 +603,15 @@ async def scale_ours(
         out["rss_kib_before"] = rss_kib(pid)
         for name in names:
             await one.call("Define", "s", vm_toml(name, None))
-        seconds = await call_all([one], names, "Start", "s")
+        seconds = await call_all(1, names, "Start", "s")
         out["start_serial_s"] = seconds
         await expect_states(one, names, "running")
         out["rss_kib_after_start"] = rss_kib(pid)
         log(f"{count}: started serially in {seconds:.1f} s")
-        seconds = await call_all([one], names, "Destroy", "ssd", "default", 0.0)
+        seconds = await call_all(1, names, "Destroy", "ssd", "default", 0.0)
         out["destroy_serial_s"] = seconds
         await expect_states(one, names, "shutoff")
-        seconds = await call_all(clients, names, "Start", "s")
+        seconds = await call_all(CONCURRENT_CLIENTS, names, "Start", "s")
         out["start_concurrent_s"] = seconds
         await expect_states(one, names, "running")
         log(f"{count}: started by {CONCURRENT_CLIENTS} clients in {seconds:.1f} s")
@@ -601,10 +621,8 @@ async def scale_ours(
         begin = time.perf_counter()
         await run("systemctl", "restart", SERVICE)
         out["restart_to_ready_s"] = time.perf_counter() - begin
-        for client in clients:  # the old connections named the old daemon's unique name
-            client.close()
-        clients = [Client() for _ in range(CONCURRENT_CLIENTS)]
-        one = clients[0]
+        one.close()  # it named the old daemon's unique name
+        one = await Client.open()
         await expect_states(one, names, "running")
         pid = main_pid(SERVICE)
         log(f"{count}: restart to READY {out['restart_to_ready_s']:.2f} s; idle {idle:.0f} s")
@@ -618,15 +636,16 @@ async def scale_ours(
         await expect_states(one, names, "shutoff")
         log(f"{count}: shutdown-all {out['shutdown_all_s']:.1f} s")
         async with profiled(pid, f"start {count} VMs, {CONCURRENT_CLIENTS} clients", profiles):
-            out["start_concurrent_again_s"] = await call_all(clients, names, "Start", "s")
-        seconds = await call_all(clients, names, "Destroy", "ssd", "default", 0.0)
+            out["start_concurrent_again_s"] = await call_all(
+                CONCURRENT_CLIENTS, names, "Start", "s"
+            )
+        seconds = await call_all(CONCURRENT_CLIENTS, names, "Destroy", "ssd", "default", 0.0)
         out["destroy_concurrent_s"] = seconds
         await expect_states(one, names, "shutoff")
         out["fds_after"] = fd_count(pid)
     finally:
         await cleanup_ours(one, names)
-        for client in clients:
-            client.close()
+        one.close()
     return out
 
 
@@ -828,9 +847,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         results = asyncio.run(bench(options))
-    except BenchError as error:
-        print(f"bench: FAILED: {error}", file=sys.stderr)
-        return 1
+    except BaseException as error:
+        print(f"bench: FAILED: {error!r}; the daemon's journal ends:", file=sys.stderr)
+        subprocess.run(["journalctl", "-q", "-n", "60", "--no-pager", "-u", SERVICE], check=False)
+        if isinstance(error, BenchError):
+            return 1
+        raise
     options.output.write_text(json.dumps(results, indent=2) + "\n")
     render(results, options.report_dir)
     log(f"results in {options.output}, report in {options.report_dir / 'RESULTS.md'}")
