@@ -60,6 +60,7 @@ def _machine(results: dict[str, Any]) -> list[str]:
         if key.startswith("load_before_"):
             lines.append(f"- load average before the {key[12:]}-VM step: {' '.join(value)}")
     lines += [f"- skipped: {reason}" for reason in results.get("skipped", [])]
+    lines += [f"- **failed**: {error}" for error in results.get("errors", [])]
     return lines
 
 

@@ -649,6 +649,16 @@ async def scale_ours(
     return out
 
 
+async def diagnose(unit: str) -> None:
+    """Print what the daemon was doing (py-spy dump of every thread) and its journal's end."""
+    with contextlib.suppress(Exception):
+        pid = main_pid(unit)
+        if PY_SPY.exists():
+            print(await run(str(PY_SPY), "dump", "--pid", str(pid), limit=60), flush=True)
+    with contextlib.suppress(Exception):
+        print(await run("journalctl", "-q", "-n", "40", "--no-pager", "-u", unit), flush=True)
+
+
 async def cleanup_ours(client: Client, names: Sequence[str]) -> None:
     """Destroy and undefine every VM of a scale step, whatever state it was left in."""
     try:
@@ -768,6 +778,7 @@ async def bench(options: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "machine": machine_info(),
         "skipped": [],
+        "errors": [],
     }
     results["installed"] = install_service(options.from_head)
     use_libvirt = libvirt_available() and not options.no_libvirt
@@ -795,14 +806,24 @@ async def bench(options: argparse.Namespace) -> dict[str, Any]:
                 continue
             results["machine"][f"load_before_{count}"] = loadavg()
             log(f"scale: {count} VMs under supervisord-vm")
-            scale["supervisord-vm"][str(count)] = await scale_ours(
-                count, options.idle, options.reps, work, options.profile
-            )
+            try:
+                scale["supervisord-vm"][str(count)] = await scale_ours(
+                    count, options.idle, options.reps, work, options.profile
+                )
+            except Exception as error:  # the other steps still say something: go on
+                results["errors"].append(f"supervisord-vm, {count} VMs: {error!r}")
+                log(f"FAILED at {count} VMs: {error!r}; restarting the daemon for the next step")
+                await diagnose(SERVICE)
+                await run("systemctl", "restart", SERVICE)
             if use_libvirt:
                 log(f"scale: {count} domains under libvirt")
-                scale["libvirt"][str(count)] = await scale_libvirt(
-                    count, min(options.idle, 20), options.reps, work
-                )
+                try:
+                    scale["libvirt"][str(count)] = await scale_libvirt(
+                        count, min(options.idle, 20), options.reps, work
+                    )
+                except Exception as error:
+                    results["errors"].append(f"libvirt, {count} domains: {error!r}")
+                    log(f"libvirt FAILED at {count} domains: {error!r}")
     results["duration_s"] = time.time() - started
     return results
 
@@ -855,10 +876,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     options.output.write_text(json.dumps(results, indent=2) + "\n")
     render(results, options.report_dir)
+    for problem in results["errors"]:
+        print(f"bench: FAILED: {problem}", file=sys.stderr)
     log(f"results in {options.output}, report in {options.report_dir / 'RESULTS.md'}")
     if options.smoke:  # the smoke run's files vanish with the sandbox: show what it made
         print((options.report_dir / "RESULTS.md").read_text())
-    return 0
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":
