@@ -34,7 +34,7 @@ import sdnotify
 from sdbus import SdBus, sd_bus_open_system
 from sdbus.sd_bus_internals import SdBusBaseError, SdBusMessage, SdBusRequestNameError
 
-from supervisord_vm import qemu_log
+from supervisord_vm import journal, qemu_log
 from supervisord_vm.bus import BUS_NAME, BusService
 from supervisord_vm.errors import SystemdError
 from supervisord_vm.model import Caller
@@ -436,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     bus.close()
 
-            asyncio.run(run())
+            try:
+                asyncio.run(run())
+            finally:
+                journal.finish()  # audit and lifecycle entries still queued for journald
             if daemon.lost_reason:
                 return EXIT_CONNECTION_LOST
     except AlreadyRunning as exc:

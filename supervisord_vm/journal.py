@@ -5,14 +5,17 @@ service's venv free of a compiled binding. Outside systemd (no journal socket) t
 the ``logging`` module instead, so nothing is lost in tests or foreground runs.
 
 Entries are sent from the event loop, so sending never blocks: one non-blocking socket serves
-every entry, and when journald's queue is full (it is slow or stopped) the entry goes to the
-``logging`` module (stderr, which journald also reads) instead of waiting. An entry too large
-for one datagram travels as a sealed memfd, as sd_journal_send() does.
+every entry, and when journald's queue is full (it is slow, or a burst outran it) the entry
+waits in a bounded backlog that a writer thread hands over in order; only beyond that bound, or
+without journald, does an entry go to the ``logging`` module (stderr, which journald also
+reads, without the fields). An entry too large for one datagram travels as a sealed memfd, as
+sd_journal_send() does.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import fcntl
 import logging
@@ -20,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "supervisord-vm"
@@ -56,41 +60,73 @@ def entry(message: str, priority: int = logging.INFO, **fields: object) -> bytes
     return payload
 
 
+# Entries held while journald's queue is full (net.unix.max_dgram_qlen is only 10 where
+# systemd-sysctl did not raise it, e.g. in a container): a burst of audit records keeps its
+# fields instead of falling back to stderr. Beyond this, entries go to logging.
+BACKLOG_LIMIT = 4096
+# How long the writer waits for journald to take one entry before it gives that entry up.
+WRITE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    payload: bytes
+    message: str
+    priority: int
+
+
 class JournalSocket:
-    """The daemon's one datagram socket to journald's native socket at `path`.
+    """The daemon's datagram socket to journald's native socket at `path`.
 
     Not connected: each entry is addressed by path, so a restarted journald (a new socket at
-    the same path) gets the next entry without reconnecting.
+    the same path) gets the next entry without reconnecting. The caller never waits: an entry
+    journald cannot take at once (its queue is full) joins a bounded backlog, in order, that
+    a writer thread hands over as journald reads.
     """
 
-    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+    def __init__(self, path: str = JOURNAL_SOCKET, backlog_limit: int = BACKLOG_LIMIT) -> None:
         self.path = path
+        self.backlog_limit = backlog_limit
+        self.dropped = 0  # entries the backlog had no room for (they went to logging)
         self._socket: socket.socket | None = None
-        self._lock = threading.Lock()  # entries may also come from worker threads
+        self._lock = threading.Condition()  # entries may also come from worker threads
+        self._backlog: collections.deque[_Waiting] = collections.deque()
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
-    def send(self, payload: bytes) -> bool:
-        """Hand `payload` (one entry) to journald without waiting; False if it did not take it.
-
-        False covers a full queue (EAGAIN, ENOBUFS), no journald (ENOENT, ECONNREFUSED) and
-        any other OSError: the caller then writes the entry elsewhere.
-        """
+    def send(self, payload: bytes, message: str = "", priority: int = logging.INFO) -> bool:
+        """Hand `payload` (one entry) to journald without waiting; False if it will not reach
+        it (no journald: ENOENT, ECONNREFUSED; or the backlog is full): the caller then writes
+        the entry elsewhere."""
+        with self._lock:
+            if self._backlog:  # behind the entries already waiting, to keep the order
+                return self._hold(_Waiting(payload, message, priority))
         try:
-            sock = self._open()
-            try:
-                sock.sendto(payload, self.path)
-            except OSError as err:
-                if err.errno != errno.EMSGSIZE:
-                    raise
-                self._send_as_memfd(sock, payload)
-        except OSError:
-            return False
+            self._send(self._open(), payload)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                return False
+            with self._lock:
+                return self._hold(_Waiting(payload, message, priority))
         return True
 
-    def close(self) -> None:
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the backlog to reach journald; whether it did."""
         with self._lock:
+            return self._lock.wait_for(lambda: not self._backlog, timeout)
+
+    def close(self) -> None:
+        """Stop the writer; what still waits goes to logging (the process is ending)."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._backlog)
+            self._backlog.clear()
+            self._lock.notify_all()
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+        for entry_ in waiting:
+            log.log(entry_.priority, "%s", entry_.message)
 
     def _open(self) -> socket.socket:
         with self._lock:
@@ -98,6 +134,52 @@ class JournalSocket:
                 kind = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
                 self._socket = socket.socket(socket.AF_UNIX, kind)
             return self._socket
+
+    def _send(self, sock: socket.socket, payload: bytes) -> None:
+        try:
+            sock.sendto(payload, self.path)
+        except OSError as err:
+            if err.errno != errno.EMSGSIZE:
+                raise
+            self._send_as_memfd(sock, payload)
+
+    def _hold(self, waiting: _Waiting) -> bool:
+        """Queue an entry for the writer (lock held); False when there is no room."""
+        if self._closed or len(self._backlog) >= self.backlog_limit:
+            self.dropped += 1
+            return False
+        self._backlog.append(waiting)
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(
+                target=self._write_backlog, name="journal-backlog", daemon=True
+            )
+            self._writer.start()
+        self._lock.notify()
+        return True
+
+    def _write_backlog(self) -> None:
+        """Hand the backlog over in order, each entry waiting (bounded) for journald."""
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            sock.settimeout(WRITE_TIMEOUT)
+            while True:
+                with self._lock:
+                    while not self._backlog and not self._closed:
+                        self._lock.wait()
+                    if self._closed:
+                        return
+                    waiting = self._backlog[0]
+                try:
+                    self._send(sock, waiting.payload)
+                except OSError:  # journald gone or stuck: this entry goes to logging
+                    with self._lock:
+                        if self._closed:
+                            return  # close() logged it with the rest
+                    log.log(waiting.priority, "%s", waiting.message)
+                with self._lock:
+                    if self._backlog and self._backlog[0] is waiting:
+                        self._backlog.popleft()
+                    self._lock.notify_all()  # drain() waits for an empty backlog
 
     def _send_as_memfd(self, sock: socket.socket, payload: bytes) -> None:
         """Pass an entry larger than a datagram as a sealed memfd (journald reads it in place)."""
@@ -124,5 +206,11 @@ def send(message: str, priority: int = logging.INFO, **fields: object) -> None:
     Never raises and never waits: an audit trail that crashes or stalls the daemon would be
     worse than an entry that reaches the journal through stderr, without its fields.
     """
-    if not _journal.send(entry(message, priority, **fields)):
+    if not _journal.send(entry(message, priority, **fields), message, priority):
         log.log(priority, "%s", message)
+
+
+def finish(timeout: float = 2.0) -> None:
+    """At exit: give journald a moment for the backlog, then log what is left elsewhere."""
+    _journal.drain(timeout)
+    _journal.close()

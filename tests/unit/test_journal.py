@@ -131,10 +131,27 @@ def test_many_entries_share_one_socket(journald: socket.socket) -> None:
 
 
 @pytest.mark.usefixtures("sender")
+def test_a_burst_beyond_journalds_queue_arrives_whole_and_in_order(
+    journald: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """journald's queue takes few datagrams (max_dgram_qlen); a burst of audit records must
+    keep its fields: the rest waits in the backlog and arrives once journald reads."""
+    caplog.set_level(logging.INFO, logger=journal.__name__)
+    burst = 300
+    for number in range(burst):
+        journal.send(f"entry {number}", logging.INFO, vm_result="denied")
+    assert journal._journal._backlog, "the burst never filled the queue: the test proves nothing"
+    received = [_receive(journald) for _ in range(burst)]
+    assert [entry["MESSAGE"] for entry in received] == [f"entry {n}" for n in range(burst)]
+    assert all(entry["VM_RESULT"] == "denied" for entry in received)
+    assert not caplog.records
+
+
+@pytest.mark.usefixtures("sender")
 def test_full_journal_socket_does_not_block_and_entries_go_to_logging(
     journald: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Nobody reads the socket: its queue fills, and then entries are logged instead."""
+    """Nobody reads the socket: its queue and the backlog fill, then entries are logged."""
     caplog.set_level(logging.INFO, logger=journal.__name__)
     outcome: list[int] = []
 
