@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sdbus import SdBus, sd_bus_open_system
 
@@ -170,19 +170,29 @@ async def idle_cost(pid: int, seconds: float) -> dict[str, float]:
 
 
 class Client:
-    """Raw Manager calls over one system-bus connection: what any D-Bus program would do."""
+    """Raw Manager calls over one system-bus connection: what any D-Bus program would do.
+
+    Every Client stays referenced until the process ends (`_kept`): when python-sdbus frees a
+    closed bus it seems to drop the loop's reader of that bus's fd number, which by then may
+    belong to a newer connection, whose replies then never arrive (seen here: a Client opened
+    right after dropping the previous one answered its first call, then timed out on every
+    later one, while busctl and svmctl got answers from the same daemon).
+    """
+
+    _kept: ClassVar[list[Client]] = []
 
     def __init__(self) -> None:
         self.bus: SdBus = sd_bus_open_system()
+        Client._kept.append(self)
 
     @classmethod
     async def open(cls) -> Client:
         """A connection that has finished authenticating with the bus.
 
         sd-bus authenticates only when the connection is first used, and dbus-daemon drops a
-        connection that has not authenticated within its auth_timeout (30 s): a client opened
-        and left waiting through the 60 s idle window failed its first call with
-        'Connection terminated'."""
+        connection that has not authenticated within its auth_timeout: a client opened and
+        left unused through the 60 s idle window failed its first call with 'Connection
+        terminated' (probably that; the reader problem under `_kept` may have played a part)."""
         client = cls()
         message = client.bus.new_method_call_message(
             "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId"
@@ -657,6 +667,22 @@ async def diagnose(unit: str) -> None:
             print(await run(str(PY_SPY), "dump", "--pid", str(pid), limit=60), flush=True)
     with contextlib.suppress(Exception):
         print(await run("journalctl", "-q", "-n", "40", "--no-pager", "-u", unit), flush=True)
+    if unit == SERVICE:  # is it the daemon, or this process's connection?
+        for argv in (
+            [
+                "busctl",
+                "--timeout=5",
+                "call",
+                BUS_NAME,
+                MANAGER_PATH,
+                MANAGER_IFACE,
+                "ListMachines",
+            ],
+            [SVMCTL, "list"],
+        ):
+            answer = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: ASYNC221
+            got = f"{answer.returncode} {answer.stdout[:80]!r} {answer.stderr[:200]!r}"
+            print(f"diagnose: {argv[0]} -> {got}")
 
 
 async def cleanup_ours(client: Client, names: Sequence[str]) -> None:
