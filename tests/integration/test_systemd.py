@@ -238,7 +238,8 @@ async def test_scope_for_live_qemu_has_requested_properties(
     assert await systemd.unit_pids(unit) == [qemu.pid]
     status = await systemd.unit_status(unit)
     assert status == UnitStatus(unit, "loaded", "active", "running", "success")
-    assert status in await systemd.list_scopes()
+    # listed in one call: a running scope's Result is not read
+    assert UnitStatus(unit, "loaded", "active", "running", "") in await systemd.list_scopes()
 
 
 async def test_kill_sigterm_ends_qemu_inactive_with_success(
@@ -685,3 +686,21 @@ async def test_calls_made_while_systemd_reexecutes_all_succeed(
     for message in went_away[:8]:
         print("  ", message)
     assert went_away, "no call was in flight while systemd re-executed: nothing was tested"
+
+
+async def test_listing_reads_the_result_of_ended_scopes_only(
+    systemd: Systemd, cleanup: Cleanup
+) -> None:
+    """One call lists the running scopes; an ended (failed) one still comes with its Result."""
+    running, failing = new_unit(), new_unit()
+    cleanup.units += [running, failing]
+    sleeper = await start_process(cleanup, ["/bin/sleep", "600"])
+    stubborn = await start_process(
+        cleanup, ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+    )
+    await systemd.start_scope(running, [sleeper.pid], props())
+    await systemd.start_scope(failing, [stubborn.pid], props(stop_timeout=0.5))
+    await systemd.stop_unit(failing)  # SIGKILL after 0.5 s: failed, Result timeout
+    listed = {status.name: status for status in await systemd.list_scopes()}
+    assert listed[running] == UnitStatus(running, "loaded", "active", "running", "")
+    assert (listed[failing].active_state, listed[failing].result) == ("failed", "timeout")
