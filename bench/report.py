@@ -61,6 +61,8 @@ def _machine(results: dict[str, Any]) -> list[str]:
             lines.append(f"- load average before the {key[12:]}-VM step: {' '.join(value)}")
     lines += [f"- skipped: {reason}" for reason in results.get("skipped", [])]
     lines += [f"- **failed**: {error}" for error in results.get("errors", [])]
+    if "libvirt_redone" in results:
+        lines.append(f"- libvirt's steps for {results['libvirt_redone']} (a rerun)")
     return lines
 
 
@@ -214,7 +216,7 @@ def _scale(results: dict[str, Any]) -> list[str]:
         ["", *(f"{count} VMs" for count in counts)],
         [[label, *(show(count) for count in counts)] for label, show in rows],
     )
-    for count in counts:
+    for count in counts[-1:]:  # the largest count says it best
         for phase, hot in ours.get(str(count), {}).get("profiles", {}).items():
             lines += [
                 "",
@@ -259,7 +261,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
 
     def check(goal: str, value: float | None, limit: float, unit: str, where: str = "") -> None:
-        measured = f"{value:.1f} {unit}{' ' + where if where else ''}" if value is not None else "-"
+        digits = 2 if unit == "x" else 1
+        measured = (
+            f"{value:.{digits}f} {unit}{' ' + where if where else ''}" if value is not None else "-"
+        )
         out.append((goal, measured, None if value is None else value < limit))
 
     def median(entry: dict[str, float] | None) -> float | None:
