@@ -13,11 +13,10 @@ daemon's modules.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 import time
+from types import SimpleNamespace
 
 from supervisord_vm.api import (
     ADMIN_GROUP,
@@ -34,8 +33,17 @@ from supervisord_vm.wire import BusError, Connection
 # typing.TYPE_CHECKING without importing typing at run time (mypy knows any TYPE_CHECKING name).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Iterator, Sequence
     from typing import Any, NoReturn
+
+
+def _json(value: object) -> str:
+    """JSON text, importing json only for --json output (a table needs none of it)."""
+    import json  # noqa: PLC0415 - start-up time: most commands print tables
+
+    return json.dumps(value)
+
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -259,7 +267,7 @@ def _event_dict(row: Sequence[Any]) -> dict[str, Any]:
 def _print_event(row: Sequence[Any], as_json: bool) -> None:
     event = _event_dict(row)
     if as_json:
-        print(json.dumps(event), flush=True)
+        print(_json(event), flush=True)
     else:
         reason = f" ({event['reason']})" if event["reason"] else ""
         print(
@@ -270,7 +278,7 @@ def _print_event(row: Sequence[Any], as_json: bool) -> None:
 
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps({key: status[key] for key in STATUS_KEYS}))
+        print(_json({key: status[key] for key in STATUS_KEYS}))
         return
     exit_parts = [status["exit_result"] or ""]
     if status["exit_status"] >= 0:
@@ -302,7 +310,7 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     statuses = [s for s in client.statuses() if args.all or s["state"] != "shutoff"]
     if args.json:
-        print(json.dumps([{key: s[key] for key in STATUS_KEYS} for s in statuses]))
+        print(_json([{key: s[key] for key in STATUS_KEYS} for s in statuses]))
         return EXIT_OK
     print(
         _table(
@@ -354,9 +362,9 @@ def _report(client: Client, args: argparse.Namespace, name: str, verb: str) -> i
     """After a changing command: the VM's status as JSON, or one line for a person."""
     if args.json:
         try:
-            print(json.dumps({k: v for k, v in (client.status(name)).items()}))
+            print(_json({k: v for k, v in (client.status(name)).items()}))
         except CommandError:
-            print(json.dumps({"name": name, "result": verb}))
+            print(_json({"name": name, "result": verb}))
     else:
         print(f"{name}: {verb}")
     return EXIT_OK
@@ -393,7 +401,7 @@ def cmd_create(client: Client, args: argparse.Namespace) -> int:
 def cmd_undefine(client: Client, args: argparse.Namespace) -> int:
     client.manager("Undefine", "s", args.name)
     if args.json:
-        print(json.dumps({"name": args.name, "result": "undefined"}))
+        print(_json({"name": args.name, "result": "undefined"}))
     else:
         print(f"{args.name}: undefined")
     return EXIT_OK
@@ -405,6 +413,9 @@ def _simple(method: str, verb: str) -> Callable[[Client, argparse.Namespace], in
         return _report(client, args, args.name, verb)
 
     return command
+
+
+_START = _simple("Start", "started")
 
 
 def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
@@ -426,9 +437,7 @@ def cmd_kill(client: Client, args: argparse.Namespace) -> int:
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     added, removed, changed, errors = client.manager("Reload")
     if args.json:
-        print(
-            json.dumps({"added": added, "removed": removed, "changed": changed, "errors": errors})
-        )
+        print(_json({"added": added, "removed": removed, "changed": changed, "errors": errors}))
     else:
         for label, names in (("added", added), ("removed", removed), ("changed", changed)):
             print(f"{label}: {', '.join(names) if names else '-'}")
@@ -440,7 +449,7 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 def cmd_shutdown_all(client: Client, args: argparse.Namespace) -> int:
     results = client.manager("ShutdownAll", "du", args.timeout or 0.0, args.parallel)
     if args.json:
-        print(json.dumps({name: outcome for name, outcome in results}))
+        print(_json({name: outcome for name, outcome in results}))
     else:
         for name, outcome in results:
             print(f"{name}: {outcome}")
@@ -466,7 +475,7 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
 def cmd_log(client: Client, args: argparse.Namespace) -> int:
     text = client.manager("GetLog", "su", args.name, args.lines)
     if args.json:
-        print(json.dumps({"name": args.name, "log": text}))
+        print(_json({"name": args.name, "log": text}))
     elif text:
         sys.stdout.write(text)
     else:
@@ -479,22 +488,27 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
 # --- argument parsing --------------------------------------------------------------------------
 
 
+def _usage_error(message: str) -> Exception:
+    """A bad option value, as argparse reports it (exit 2); argparse is loaded by then."""
+    import argparse  # noqa: PLC0415 - start-up time: see _plain_command
+
+    return argparse.ArgumentTypeError(message)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise _usage_error(f"not a number of seconds: {text!r}") from None
     if not 0 <= value <= TIMEOUT_MAX:  # also NaN and inf
-        raise argparse.ArgumentTypeError(
-            f"must be from 0 to {TIMEOUT_MAX:.0f} seconds, not {text!r}"
-        )
+        raise _usage_error(f"must be from 0 to {TIMEOUT_MAX:.0f} seconds, not {text!r}")
     return value
 
 
 def _positive(text: str) -> float:
     value = _seconds(text)
     if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+        raise _usage_error("must be more than 0 seconds")
     return value
 
 
@@ -507,9 +521,9 @@ def _count(text: str, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of {what}: {text!r}") from None
+        raise _usage_error(f"not a number of {what}: {text!r}") from None
     if not 0 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {0xFFFFFFFF} {what}, not {text!r}")
+        raise _usage_error(f"must be from 0 to {0xFFFFFFFF} {what}, not {text!r}")
     return value
 
 
@@ -525,7 +539,7 @@ def _signal(text: str) -> str:
     try:
         signal_number(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _usage_error(str(exc)) from None
     return text
 
 
@@ -542,6 +556,7 @@ def _skip_missing_translations() -> None:
     catalogue for the current text domain. Searched once here: if there is none, gettext
     would return every text unchanged, so argparse may as well use them as they are.
     """
+    import argparse  # noqa: PLC0415 - start-up time: see _plain_command
     import gettext  # noqa: PLC0415 - argparse has imported it already
 
     if gettext.find(gettext.textdomain()) is None:
@@ -551,6 +566,8 @@ def _skip_missing_translations() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse  # noqa: PLC0415 - start-up time: see _plain_command
+
     _skip_missing_translations()
     parser = argparse.ArgumentParser(
         prog="svmctl",
@@ -594,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         needs_name=False,
     )
     p.add_argument("file", metavar="FILE", help="definition file, or - for standard input")
-    command("start", "Start a defined VM.", _simple("Start", "started"))
+    command("start", "Start a defined VM.", _START)
     p = command(
         "shutdown", "Press the ACPI power button and wait until the guest is off.", cmd_shutdown
     )
@@ -706,8 +723,28 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _plain_command(argv: list[str]) -> argparse.Namespace | None:
+    """The plain forms scripts run most — `list [--all]`, `status NAME`, `start NAME`, with
+    `--json` anywhere — parsed without argparse, whose import (with re and enum) is a third of
+    svmctl's own start-up. Anything else (help, options, mistakes) goes to argparse, so every
+    message and exit code stays argparse's."""
+    words = [word for word in argv if word != "--json"]
+    if not words or any(word.startswith("-") for word in words[1:] if word != "--all"):
+        return None
+    command, rest = words[0], words[1:]
+    as_json = len(words) != len(argv)
+    args: Any = None
+    if command == "list" and rest in ([], ["--all"]):
+        args = SimpleNamespace(command=command, json=as_json, all=bool(rest), handler=cmd_list)
+    elif command in ("status", "start") and len(rest) == 1 and not rest[0].startswith("-"):
+        handler = cmd_status if command == "status" else _START
+        args = SimpleNamespace(command=command, json=as_json, name=rest[0], handler=handler)
+    return args  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = _plain_command(words) or build_parser().parse_args(words)
     try:
         return _run(args)
     except CommandError as exc:
