@@ -478,6 +478,8 @@ NAMED_FAILURES = (
     "cannot ",
     "still running",
     "stopped during",  # NotRunning: QEMU exited under the command (a pause racing a destroy)
+    "has just stopped",  # NotRunning: the same, noticed before the command was sent
+    "is stopping; start it again",  # InvalidState: a start racing a destroy of the same VM
 )
 
 
