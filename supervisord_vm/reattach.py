@@ -179,7 +179,7 @@ async def settle_ended(
     result = status.result if status is not None else ""
     if start_cut:
         reason, message = Reason.FAILED, "start cut off: the daemon exited before QEMU ran"
-    elif pending.op is not PendingOp.NONE:
+    elif pending.op is not PendingOp.NONE or pending.signal:  # a kill alone counts too
         reason = classify_settled(pending, result)
         message = f"ended during a {pending.describe()} while the daemon was not running"
     else:
