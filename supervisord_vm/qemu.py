@@ -17,7 +17,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu.qmp import (
@@ -73,6 +73,19 @@ def drive_option(machine: str, disk: Disk) -> str:
     if disk.snapshot:
         parts.append("snapshot=on")
     return ",".join(parts)
+
+
+@dataclass
+class LaunchResources:
+    """What the daemon prepared for one start of QEMU, beyond the definition: open file
+    descriptors handed over to QEMU (under the same numbers) and host facts the argv depends on.
+
+    Each feature adds its own field with a default; `pass_fds` lists every descriptor to hand
+    over, and the launcher closes the daemon's copies once QEMU runs.
+    """
+
+    qmp_socket: Path
+    pass_fds: list[int] = field(default_factory=list)
 
 
 def build_argv(defn: Definition, qmp_socket: Path) -> list[str]:

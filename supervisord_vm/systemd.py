@@ -1004,13 +1004,15 @@ async def spawn_in_scope(
     env: Mapping[str, str],
     stdout: int,
     stderr: int,
+    pass_fds: Sequence[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start ARGV already inside a new scope: not one instruction of it runs outside.
 
     A trampoline child waits on a socket until the scope holds it, then execs ARGV. If the scope
     cannot be created, the child is killed and reaped before it ran ARGV and the error is
     re-raised. Returns once ARGV is executing; an exec failure raises OSError (the empty scope
-    is stopped). stdin is /dev/null; the caller removes NOTIFY_SOCKET from ENV.
+    is stopped). stdin is /dev/null; the caller removes NOTIFY_SOCKET from ENV. PASS_FDS are
+    handed to ARGV under the same numbers (sockets and files the daemon opened for QEMU).
     """
     if not argv:
         raise ValueError("empty argv")
@@ -1030,7 +1032,7 @@ async def spawn_in_scope(
             stdout=stdout,
             stderr=stderr,
             env=dict(env),
-            pass_fds=(child_fd,),
+            pass_fds=(child_fd, *pass_fds),
         )
     except BaseException:
         parent_end.close()
