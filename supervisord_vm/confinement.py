@@ -9,10 +9,19 @@ better still, it opens the file in the daemon and hands QEMU the descriptor.
 
 from __future__ import annotations
 
+import contextlib
+import grp
+import os
 import pwd
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+
+from supervisord_vm.definition import validate_name
+from supervisord_vm.store import Paths
 
 QEMU_USER = "supervisord-vm-qemu"
+ADMIN_GROUP = "supervisord-vm"
 
 
 @dataclass(frozen=True)
@@ -44,3 +53,39 @@ def qemu_identity() -> QemuIdentity | None:
     except KeyError:
         return None
     return QemuIdentity(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def qemu_runtime_dir(paths: Paths, name: str) -> Path:
+    """The per-VM directory where QEMU may create files itself (a VNC socket), created if missing.
+
+    `runtime_dir/qemu/NAME`, mode 2750: owned by QEMU's identity (root when not confined), group
+    `supervisord-vm` (so the group's members reach what QEMU puts there, and new files inherit
+    that group), nobody else. Its parents stay root's but are made traversable (0711), never
+    listable. Idempotent; removed with `remove_qemu_runtime_dir` in the exit cleanup.
+    """
+    directory = paths.runtime_dir / "qemu" / validate_name(name)
+    for parent in (paths.runtime_dir, directory.parent):
+        parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        mode = parent.stat().st_mode
+        if mode & 0o011 != 0o011:
+            parent.chmod((mode & 0o7777) | 0o011)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        identity = qemu_identity()
+        uid = identity.uid if identity is not None else 0
+        try:
+            gid = grp.getgrnam(ADMIN_GROUP).gr_gid
+        except KeyError:
+            gid = identity.gid if identity is not None else 0
+        os.chown(directory, uid, gid, follow_symlinks=False)
+    directory.chmod(0o2750)  # root's directories all the way: no symlink can be in the way
+    return directory
+
+
+def remove_qemu_runtime_dir(paths: Paths, name: str) -> None:
+    """Remove a VM's QEMU directory and, when it was the last one, `runtime_dir/qemu` itself."""
+    parent = paths.runtime_dir / "qemu"
+    shutil.rmtree(parent / validate_name(name), ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (another VM runs), or already gone
+        parent.rmdir()
