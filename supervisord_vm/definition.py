@@ -12,9 +12,32 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import TypeVar
 
+from supervisord_vm.definition_devices import (
+    Nic,
+    Resources,
+    nics_toml,
+    parse_boot,
+    parse_cpu,
+    parse_display,
+    parse_firmware,
+    parse_media,
+    parse_nics,
+    parse_resources,
+    parse_vnc_listen,
+    resources_toml,
+)
+
+# Part of this module's API: a Definition holds them.
+from supervisord_vm.definition_devices import nic_mac as nic_mac  # noqa: PLC0414
+from supervisord_vm.definition_fields import FieldError as _FieldError
+from supervisord_vm.definition_fields import absolute_path as _absolute_path
+from supervisord_vm.definition_fields import bool_field as _bool
+from supervisord_vm.definition_fields import int_field as _int
+from supervisord_vm.definition_fields import show as _show
+from supervisord_vm.definition_fields import str_field as _str
+from supervisord_vm.definition_fields import suggest as _suggest
 from supervisord_vm.errors import InvalidDefinition
 from supervisord_vm.unitname import UNIT_NAME_MAX, scope_name
 
@@ -53,12 +76,16 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MACHINE_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
+_NO_RESOURCES = Resources()
+
+
 @dataclass(frozen=True)
 class Disk:
     path: str  # absolute
     format: str = "raw"  # raw | qcow2
     readonly: bool = False
     snapshot: bool = False  # discard guest writes
+    media: str = "disk"  # disk | cdrom (a cdrom is read-only)
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,15 @@ class Definition:
     qemu: str = "/usr/bin/qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
     disks: tuple[Disk, ...] = ()
+    cpu: str | None = None  # QEMU -cpu; None: host with KVM, QEMU's default with TCG
+    firmware: str = "bios"  # bios | uefi
+    display: str = "none"  # none | vnc
+    vnc_listen: str | None = None  # None: a unix socket; else an IP address (port allocated)
+    boot: tuple[str, ...] = ()  # disk | cdrom | network, in order; (): QEMU's default
+    nics: tuple[Nic, ...] = ()
+    resources: Resources = _NO_RESOURCES
+    autostart_after: tuple[str, ...] = ()  # VMs that must be running before this one autostarts
+    autostart_delay: int = 0  # seconds to wait after this VM started before those after it
 
 
 _DEFAULT = Definition(name="default")
@@ -92,15 +128,19 @@ _TOP_KEYS = (
     "qemu",
     "extra_args",
     "disks",
+    "cpu",
+    "firmware",
+    "display",
+    "vnc_listen",
+    "boot",
+    "nics",
+    "resources",
+    "autostart_after",
+    "autostart_delay",
 )
-_DISK_KEYS = ("path", "format", "readonly", "snapshot")
-
-
-class _FieldError(Exception):
-    """One bad field; collected by parse_definition into one InvalidDefinition."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"field '{field}': {reason}")
+_DISK_KEYS = ("path", "format", "readonly", "snapshot", "media")
+AUTOSTART_DELAY_MAX = 3600  # seconds
+AUTOSTART_AFTER_MAX = 64
 
 
 def _name_problem(name: str) -> str | None:
@@ -139,66 +179,6 @@ def validate_name(name: str) -> str:
     if problem is not None:
         raise InvalidDefinition(f"invalid VM name {name!r}: {problem}")
     return name
-
-
-def _show(value: object) -> str:
-    """Describe a TOML value for an error message, in TOML terms where it matters."""
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= 80 else text[:77] + "..."
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return f"a {type(value).__name__}"
-
-
-def _suggest(key: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _int(
-    table: dict[str, object], key: str, *, low: int, high: int, unit: str, default: int
-) -> int:
-    value = table.get(key, default)
-    # bool is an int subclass in Python, but `memory = true` is not a size.
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _FieldError(
-            key, f"must be an integer from {low} to {high} ({unit}), got {_show(value)}"
-        )
-    return value
-
-
-def _bool(table: dict[str, object], key: str, default: bool, field: str | None = None) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise _FieldError(field or key, f"must be true or false, got {_show(value)}")
-    return value
-
-
-def _str(table: dict[str, object], key: str, default: str, field: str | None = None) -> str:
-    value = table.get(key, default)
-    if not isinstance(value, str):
-        raise _FieldError(field or key, f"must be a string, got {_show(value)}")
-    return value
-
-
-def _absolute_path(table: dict[str, object], key: str, default: str | None, field: str) -> str:
-    if key not in table and default is None:
-        raise _FieldError(field, "is required")
-    value = table.get(key, default)
-    if not isinstance(value, str):
-        raise _FieldError(field, f"must be an absolute path (a string), got {_show(value)}")
-    if "\0" in value:
-        raise _FieldError(field, "must not contain NUL characters")
-    if not PurePosixPath(value).is_absolute():
-        raise _FieldError(field, f"must be an absolute path, got {_show(value)}")
-    return value
 
 
 def _parse_name(table: dict[str, object]) -> str:
@@ -305,9 +285,42 @@ def _parse_disk(index: int, entry: object, errors: list[str]) -> Disk | None:
         snapshot = _bool(entry, "snapshot", _DEFAULT_DISK.snapshot, f"{prefix}.snapshot")
     except _FieldError as exc:
         errors.append(str(exc))
+    media = "disk"
+    try:
+        media = parse_media(entry, prefix)
+        if media == "cdrom":
+            if entry.get("readonly", True) is not True:
+                raise _FieldError(f"{prefix}.readonly", "a cdrom is always read-only")
+            readonly = True
+    except _FieldError as exc:
+        errors.append(str(exc))
     if len(errors) > before or path is None or not isinstance(fmt, str):
         return None
-    return Disk(path=path, format=fmt, readonly=readonly, snapshot=snapshot)
+    return Disk(path=path, format=fmt, readonly=readonly, snapshot=snapshot, media=media)
+
+
+def _parse_autostart_after(table: dict[str, object]) -> tuple[str, ...]:
+    """Names only: whether they exist, and cycles, are the supervisor's to check (it knows the
+    other definitions)."""
+    value = table.get("autostart_after", [])
+    if not isinstance(value, list):
+        raise _FieldError("autostart_after", f"must be an array of VM names, got {_show(value)}")
+    if len(value) > AUTOSTART_AFTER_MAX:
+        raise _FieldError("autostart_after", f"may name at most {AUTOSTART_AFTER_MAX} VMs")
+    names: list[str] = []
+    for index, item in enumerate(value):
+        field = f"autostart_after[{index}]"
+        if not isinstance(item, str):
+            raise _FieldError(field, f"must be a VM name (a string), got {_show(item)}")
+        problem = _name_problem(item)
+        if problem is not None:
+            raise _FieldError(field, f"is not a valid VM name: {problem}")
+        if item == table.get("name"):
+            raise _FieldError(field, "a VM cannot autostart after itself")
+        if item in names:
+            raise _FieldError("autostart_after", f"names {item!r} twice")
+        names.append(item)
+    return tuple(names)
 
 
 def _parse_disks(table: dict[str, object], errors: list[str]) -> tuple[Disk, ...]:
@@ -387,6 +400,20 @@ def parse_definition(text: str, source: str = "definition") -> Definition:
     qemu = field(lambda: _absolute_path(table, "qemu", _DEFAULT.qemu, "qemu"), "")
     extra_args = field(lambda: _parse_extra_args(table), _NO_STRINGS)
     disks = _parse_disks(table, errors)
+    cpu = field(lambda: parse_cpu(table), None)
+    firmware = field(lambda: parse_firmware(table), "")
+    display = field(lambda: parse_display(table), "")
+    vnc_listen = field(lambda: parse_vnc_listen(table, display), None)
+    boot = field(lambda: parse_boot(table), _NO_STRINGS)
+    nics = parse_nics(table, errors)
+    resources = parse_resources(table, errors)
+    autostart_after = field(lambda: _parse_autostart_after(table), _NO_STRINGS)
+    autostart_delay = field(
+        lambda: _int(
+            table, "autostart_delay", low=0, high=AUTOSTART_DELAY_MAX, unit="seconds", default=0
+        ),
+        0,
+    )
 
     if errors:
         raise InvalidDefinition(f"{source}: " + "; ".join(errors))
@@ -402,6 +429,15 @@ def parse_definition(text: str, source: str = "definition") -> Definition:
         qemu=qemu,
         extra_args=extra_args,
         disks=disks,
+        cpu=cpu,
+        firmware=firmware,
+        display=display,
+        vnc_listen=vnc_listen,
+        boot=boot,
+        nics=nics,
+        resources=resources,
+        autostart_after=autostart_after,
+        autostart_delay=autostart_delay,
     )
     _check_writable(defn, source)
     return defn
@@ -480,6 +516,17 @@ def definition_to_toml(defn: Definition) -> str:
         f"qemu = {toml_string(defn.qemu)}",
         f"extra_args = [{', '.join(toml_string(arg) for arg in defn.extra_args)}]",
     ]
+    if defn.cpu is not None:
+        lines.append(f"cpu = {toml_string(defn.cpu)}")
+    lines += [f"firmware = {toml_string(defn.firmware)}", f"display = {toml_string(defn.display)}"]
+    if defn.vnc_listen is not None:
+        lines.append(f"vnc_listen = {toml_string(defn.vnc_listen)}")
+    lines += [
+        f"boot = [{', '.join(toml_string(item) for item in defn.boot)}]",
+        f"autostart_after = [{', '.join(toml_string(name) for name in defn.autostart_after)}]",
+        f"autostart_delay = {defn.autostart_delay}",
+    ]
+    lines += resources_toml(defn.resources)
     for disk in defn.disks:
         lines += [
             "",
@@ -488,5 +535,7 @@ def definition_to_toml(defn: Definition) -> str:
             f"format = {toml_string(disk.format)}",
             f"readonly = {_toml_bool(disk.readonly)}",
             f"snapshot = {_toml_bool(disk.snapshot)}",
+            f"media = {toml_string(disk.media)}",
         ]
+    lines += nics_toml(defn.nics)
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from supervisord_vm.definition import (
     toml_string,
     validate_name,
 )
+from supervisord_vm.definition_devices import Nic, Resources
 from supervisord_vm.errors import InvalidDefinition
 
 
@@ -353,6 +354,7 @@ def _random_definition(rng: random.Random) -> Definition:
         name += "x"
     accel = list(ACCELERATORS)
     rng.shuffle(accel)
+    display = rng.choice(["none", "vnc"])
     return Definition(
         name=name,
         memory=rng.choice([16, 17, 512, 4096, 1048576]),
@@ -372,7 +374,35 @@ def _random_definition(rng: random.Random) -> Definition:
                 snapshot=rng.random() < 0.5,
             )
             for _ in range(rng.randrange(0, 4))
+        )
+        + tuple(
+            Disk(path="/" + _random_string(rng), readonly=True, media="cdrom")
+            for _ in range(rng.randrange(0, 2))
         ),
+        cpu=rng.choice([None, "host", "max", "Haswell,-hle,+vmx"]),
+        firmware=rng.choice(["bios", "uefi"]),
+        display=display,
+        vnc_listen=rng.choice([None, "127.0.0.1", "::1"]) if display == "vnc" else None,
+        boot=tuple(rng.sample(["disk", "cdrom", "network"], rng.randrange(0, 4))),
+        nics=tuple(
+            rng.sample(
+                [
+                    Nic("user", forward=("tcp:127.0.0.1:2222-:22",)),
+                    Nic("bridge", bridge="br0", model="e1000"),
+                    Nic("tap", tap="tap0", mac="52:54:00:aa:bb:cc"),
+                ],
+                rng.randrange(0, 4),
+            )
+        ),
+        resources=rng.choice(
+            [
+                Resources(),
+                Resources(cpu_weight=200, memory_max=1 << 30, slice="tenant-a.slice"),
+                Resources(cpu_quota=150, allowed_cpus="0-1", tasks_max=64, io_weight=50),
+            ]
+        ),
+        autostart_after=tuple(rng.sample(["db", "cache", "dns"], rng.randrange(0, 3))),
+        autostart_delay=rng.randrange(0, 3601),
     )
 
 
@@ -398,12 +428,18 @@ def test_round_trip_defaults_and_layout() -> None:
         "autostart = false\n"
         'qemu = "/usr/bin/qemu-system-x86_64"\n'
         "extra_args = []\n"
+        'firmware = "bios"\n'
+        'display = "none"\n'
+        "boot = []\n"
+        "autostart_after = []\n"
+        "autostart_delay = 0\n"
         "\n"
         "[[disks]]\n"
         'path = "/img/web1.qcow2"\n'
         'format = "qcow2"\n'
         "readonly = false\n"
         "snapshot = false\n"
+        'media = "disk"\n'
     )
     assert parse_definition(definition_to_toml(defn)) == defn
 
