@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
-from supervisord_vm import qemu_log
+from supervisord_vm import network, qemu_log
 from supervisord_vm.definition import Definition
 from supervisord_vm.errors import SvmError
-from supervisord_vm.qemu import build_argv
+from supervisord_vm.qemu import LaunchResources, build_argv
 from supervisord_vm.systemd import ScopeProperties, Systemd, spawn_in_scope
 
 # Environment variables a service manager hands to the daemon that QEMU must never see.
@@ -66,14 +66,22 @@ async def launch(
     log_file: Path,
     log_limit: int,
     slice: str,
+    resources: LaunchResources | None = None,
 ) -> Launched:
     """Spawn QEMU inside a new scope `unit`, its output appended to `log_file`.
 
     Raises LaunchFailed (or the SvmError of the scope's creation); a log file this call created
-    is removed again then, since QEMU never ran.
+    is removed again then, since QEMU never ran, and so are the taps it made for bridge NICs.
     """
     log_created = False
+    nics = network.OpenedNics()
     try:
+        nics = await network.open_nics(defn)
+        if nics.fds:
+            if resources is None:
+                resources = LaunchResources(qmp_socket=socket_path)
+            resources.nic_fds = dict(nics.fds)
+            resources.pass_fds += nics.fds.values()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
         header = f"--- {stamp}: supervisord-vm starts VM {defn.name} ({unit}) ---\n"
         log_fd, log_created, log_offset = await asyncio.to_thread(
@@ -88,16 +96,21 @@ async def launch(
             )
             process = await spawn_in_scope(
                 systemd,
-                build_argv(defn, socket_path),
+                build_argv(defn, socket_path, resources),
                 unit,
                 props,
                 env=env,
                 stdout=log_fd,
                 stderr=log_fd,
+                pass_fds=resources.pass_fds if resources is not None else (),
             )
         finally:
             os.close(log_fd)
-    except (SvmError, OSError) as err:
+            nics.close_fds()  # the daemon's copies: a QEMU that runs holds its own
+    except (SvmError, OSError, network.NetworkError) as err:
+        await network.discard(defn.name, nics)  # no tap outlives a start that did not happen
+        if isinstance(err, network.NetworkError):
+            raise LaunchFailed(str(err)) from err
         if log_created:  # QEMU never ran: no log of a run that never was
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(log_file.unlink)

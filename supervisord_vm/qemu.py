@@ -35,6 +35,7 @@ from qemu.qmp import (
 from supervisord_vm.definition import Definition, Disk
 from supervisord_vm.errors import QmpDisconnected, QmpError, QmpTimeout
 from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldconfig
+from supervisord_vm.network import nic_argv
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,30 @@ class LaunchResources:
 
     qmp_socket: Path
     pass_fds: list[int] = field(default_factory=list)
+    console_fd: int | None = None  # the serial console's listening socket (console.py)
+    nic_fds: dict[int, int] = field(default_factory=dict)  # NIC index -> tap fd (network.py)
 
 
-def build_argv(defn: Definition, qmp_socket: Path) -> list[str]:
+SERIAL_CHARDEV = "serial0"
+
+
+def serial_console_args(fd: int) -> list[str]:
+    """The first serial port on the daemon's listening socket `fd` (console.py).
+
+    `server=on,wait=off`: QEMU accepts one client at a time and does not wait for one at start;
+    `-serial` is the board's own first UART (COM1 on pc/q35), whatever the machine type.
+    """
+    return [
+        "-chardev",
+        f"socket,id={SERIAL_CHARDEV},fd={fd},server=on,wait=off",
+        "-serial",
+        f"chardev:{SERIAL_CHARDEV}",
+    ]
+
+
+def build_argv(
+    defn: Definition, qmp_socket: Path, resources: LaunchResources | None = None
+) -> list[str]:
     """QEMU's argv for `defn`, to be exec'd directly (never through a shell).
 
     `-S` keeps the CPUs stopped until the daemon has connected QMP and sent `cont`, so no guest
@@ -112,6 +134,9 @@ def build_argv(defn: Definition, qmp_socket: Path) -> list[str]:
     argv += ["-machine", defn.machine, "-m", str(defn.memory), "-smp", str(defn.cpus)]
     for disk in defn.disks:
         argv += ["-drive", drive_option(defn.machine, disk)]
+    if resources is not None and resources.console_fd is not None:
+        argv += serial_console_args(resources.console_fd)  # before extra_args: ours is COM1
+    argv += nic_argv(defn, resources.nic_fds if resources is not None else {})
     argv += defn.extra_args
     return argv
 
