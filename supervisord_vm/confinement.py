@@ -5,23 +5,53 @@ identity QEMU will run as for this daemon, or None when the host explicitly opte
 confinement (QEMU then runs as root, as before). A feature that creates a file or device QEMU must
 open itself (a tap device, a VNC socket directory, an NVRAM file) gives it to this identity;
 better still, it opens the file in the daemon and hands QEMU the descriptor.
+
+What confinement means here (README, "Confinement"): the spawn trampoline drops to this identity
+after the scope holds it and before the exec, with no capability left (bounding set included) and
+no_new_privs, so whatever program a definition's `qemu` names never runs as root; QEMU's own
+seccomp sandbox (`sandbox_option`) is on where the binary has it; QMP, disks and the other
+sockets reach QEMU as descriptors the daemon opened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
+import logging
 import os
 import pwd
 import shutil
+import signal
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from supervisord_vm import _spawn_trampoline
 from supervisord_vm.definition import validate_name
-from supervisord_vm.store import Paths
+from supervisord_vm.errors import SvmError
+
+if TYPE_CHECKING:
+    from supervisord_vm.store import Paths
+
+log = logging.getLogger(__name__)
 
 QEMU_USER = "supervisord-vm-qemu"
 ADMIN_GROUP = "supervisord-vm"
+# Files QEMU creates (a VNC socket in its runtime directory, whose group is supervisord-vm)
+# are for its owner and that group, never for others.
+QEMU_UMASK = 0o007
+DEFAULT_IMAGE_DIRS = (Path("/var/lib/supervisord-vm/images"),)
+# QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler or
+# priority changes. A binary built without seccomp (or older than these options) refuses it.
+SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_PROBE_TIMEOUT = 10.0
+
+
+class ConfinementUnavailable(SvmError):
+    """QEMU cannot be confined as configured (its user does not exist): nothing is started."""
 
 
 @dataclass(frozen=True)
@@ -34,25 +64,118 @@ class QemuIdentity:
 
 class _Settings:
     user: str | None = QEMU_USER
+    image_dirs: tuple[Path, ...] = DEFAULT_IMAGE_DIRS
 
 
-def configure(user: str | None) -> None:
-    """Set the user QEMU runs as (None: not confined, QEMU runs as root) — the daemon's option."""
+def configure(user: str | None, image_dirs: Sequence[Path] | None = None) -> None:
+    """Set the user QEMU runs as (None: not confined, QEMU runs as root, with the daemon's
+    capabilities and no seccomp filter) and the image directories whose files group members may
+    name as disks — the daemon's options."""
     _Settings.user = user
+    if image_dirs is not None:
+        _Settings.image_dirs = tuple(Path(d).resolve() for d in image_dirs)
+    _sandbox_support.clear()
+
+
+def confined() -> bool:
+    """Whether QEMU runs confined (the default) rather than as root (the host opted out)."""
+    return _Settings.user is not None
+
+
+def image_dirs() -> tuple[Path, ...]:
+    """The directories root configured, whose files any group member may use as disks."""
+    return _Settings.image_dirs
 
 
 def qemu_identity() -> QemuIdentity | None:
-    """The identity QEMU runs as, or None when confinement is off (or the user does not exist).
+    """The identity QEMU runs as, or None when the host opted out of confinement.
 
-    Stub until the confinement work lands: it resolves the user but nothing drops to it yet.
+    Raises ConfinementUnavailable when the configured user does not exist: a missing user
+    never silently means "run QEMU as root".
     """
-    if _Settings.user is None:
+    user = _Settings.user
+    if user is None:
         return None
     try:
-        entry = pwd.getpwnam(_Settings.user)
+        entry = pwd.getpwnam(user)
     except KeyError:
-        return None
-    return QemuIdentity(entry.pw_name, entry.pw_uid, entry.pw_gid)
+        raise ConfinementUnavailable(
+            f"QEMU's user {user!r} does not exist (create it with systemd-sysusers, as "
+            "`make install` does; or opt out of confinement with --no-confine)"
+        ) from None
+    if entry.pw_uid == 0:
+        return None  # --qemu-user root: the same as --no-confine
+    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
+    return QemuIdentity(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
+
+
+# --- QEMU's seccomp sandbox -----------------------------------------------------------------
+
+_sandbox_support: dict[tuple[str, int, int, int, int], bool] = {}
+
+
+async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | None:
+    """`-sandbox`'s value for `binary`, or None where it has no (complete) seccomp support.
+
+    Asked once per binary (path, inode, mtime; cached): `BINARY -sandbox SANDBOX_OPTION -version`
+    exits 0 only where QEMU parses every option of the filter. The probe runs through the spawn
+    trampoline with the same identity as the VM would: the program a definition names never runs
+    as root, not even to be asked. A binary without it is said once in the log and runs without.
+    """
+    if identity is None:
+        return None  # opted out: QEMU as before, as root and unfiltered
+    try:
+        st = await asyncio.to_thread(os.stat, binary)
+    except OSError:
+        return None  # the launch says what is wrong with the binary
+    key = (binary, st.st_dev, st.st_ino, st.st_mtime_ns, identity.uid)
+    supported = _sandbox_support.get(key)
+    if supported is None:
+        supported, output = await _probe_sandbox(binary, identity)
+        _sandbox_support[key] = supported
+        if not supported:
+            log.warning(
+                "QEMU binary %s has no seccomp sandbox (-sandbox %s): its VMs run without it (%s)",
+                binary,
+                SANDBOX_OPTION,
+                output or "no output",
+            )
+    return SANDBOX_OPTION if supported else None
+
+
+async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool, str]:
+    creds = _spawn_trampoline.encode_credentials(
+        identity.uid, identity.gid, identity.groups, QEMU_UMASK
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        "-S",
+        _spawn_trampoline.__file__,
+        _spawn_trampoline.NO_CONTROL,
+        creds,
+        binary,
+        "-sandbox",
+        SANDBOX_OPTION,
+        "-version",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            _, err = await process.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGKILL)
+        await process.wait()
+        return False, f"no answer to -version within {_PROBE_TIMEOUT:g} s"
+    text = err[-400:].decode("utf-8", "replace").strip().replace("\n", " ")
+    return process.returncode == 0, text
+
+
+# --- QEMU's runtime directory ---------------------------------------------------------------
 
 
 def qemu_runtime_dir(paths: Paths, name: str) -> Path:
@@ -83,9 +206,9 @@ def qemu_runtime_dir(paths: Paths, name: str) -> Path:
     return directory
 
 
-def remove_qemu_runtime_dir(paths: Paths, name: str) -> None:
+def remove_qemu_runtime_dir(runtime_dir: Path, name: str) -> None:
     """Remove a VM's QEMU directory and, when it was the last one, `runtime_dir/qemu` itself."""
-    parent = paths.runtime_dir / "qemu"
+    parent = runtime_dir / "qemu"
     shutil.rmtree(parent / validate_name(name), ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty (another VM runs), or already gone
         parent.rmdir()

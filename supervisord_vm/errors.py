@@ -41,6 +41,11 @@ class OperationTimeout(SvmError):
     """The operation did not finish within its timeout; the VM is left as it was."""
 
 
+class DiskAccessDenied(SvmError):
+    """A definition names a disk its author may not use (not root, outside the image
+    directories, and the author cannot open the file themselves); nothing of it was opened."""
+
+
 class StartFailed(SvmError):
     """QEMU could not be started; nothing was left behind. The message names the cause."""
 

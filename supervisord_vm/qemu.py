@@ -63,9 +63,10 @@ def drive_interface(machine: str, disk: Disk) -> str:
     return "virtio"
 
 
-def drive_option(machine: str, disk: Disk) -> str:
+def drive_option(machine: str, disk: Disk, file: str | None = None) -> str:
+    """`-drive`'s value; `file` replaces the path (`/dev/fdset/N`: the daemon opened it)."""
     parts = [
-        f"file={qemu_option_value(disk.path)}",
+        f"file={qemu_option_value(file if file is not None else disk.path)}",
         f"format={disk.format}",
         f"if={drive_interface(machine, disk)}",
     ]
@@ -89,6 +90,46 @@ class LaunchResources:
     pass_fds: list[int] = field(default_factory=list)
     console_fd: int | None = None  # the serial console's listening socket (console.py)
     nic_fds: dict[int, int] = field(default_factory=dict)  # NIC index -> tap fd (network.py)
+    # Confinement (confined_launch.py): the QMP socket the daemon listens on (QEMU could not
+    # create it in root's runtime directory), fd sets of files the daemon opened (fd, set,
+    # opaque), each disk's `file=` (disk index -> /dev/fdset/N), QEMU's -sandbox value.
+    qmp_fd: int | None = None
+    fdsets: list[tuple[int, int, str]] = field(default_factory=list)
+    disk_files: dict[int, str] = field(default_factory=dict)
+    sandbox: str | None = None
+
+    def add_fdset(self, fds: list[int], opaque: str) -> str:
+        """Hand `fds` (one file, opened in different modes) to QEMU as a new fd set; returns
+        the name QEMU opens it by (`/dev/fdset/N`). QEMU picks the fd whose access mode fits."""
+        fdset = 1 + max((entry[1] for entry in self.fdsets), default=0)
+        for fd in fds:
+            self.fdsets.append((fd, fdset, opaque))
+            self.pass_fds.append(fd)
+        return f"/dev/fdset/{fdset}"
+
+
+QMP_CHARDEV = "qmp"
+
+
+def qmp_args(qmp_socket: Path, qmp_fd: int | None) -> list[str]:
+    """The monitor: on the socket the daemon listens on (`fd`, as libvirt hands it over), or,
+    without one, a socket QEMU creates itself at `qmp_socket` (older daemons; tests)."""
+    if qmp_fd is None:
+        return ["-qmp", f"unix:{qemu_option_value(str(qmp_socket))},server=on,wait=off"]
+    return [
+        "-chardev",
+        f"socket,id={QMP_CHARDEV},fd={qmp_fd},server=on,wait=off",
+        "-mon",
+        f"chardev={QMP_CHARDEV},mode=control",
+    ]
+
+
+def confinement_args(resources: LaunchResources) -> list[str]:
+    """QEMU's seccomp filter and the fd sets of the files the daemon opened for it."""
+    argv = ["-sandbox", resources.sandbox] if resources.sandbox is not None else []
+    for fd, fdset, opaque in resources.fdsets:
+        argv += ["-add-fd", f"fd={fd},set={fdset},opaque={qemu_option_value(opaque)}"]
+    return argv
 
 
 SERIAL_CHARDEV = "serial0"
@@ -125,15 +166,17 @@ def build_argv(
         "-no-user-config",
         "-display",
         "none",
-        "-qmp",
-        f"unix:{qemu_option_value(str(qmp_socket))},server=on,wait=off",
+        *qmp_args(qmp_socket, resources.qmp_fd if resources is not None else None),
         "-S",
     ]
+    if resources is not None:
+        argv += confinement_args(resources)
     for accel in defn.accel:
         argv += ["-accel", accel]
     argv += ["-machine", defn.machine, "-m", str(defn.memory), "-smp", str(defn.cpus)]
-    for disk in defn.disks:
-        argv += ["-drive", drive_option(defn.machine, disk)]
+    files = resources.disk_files if resources is not None else {}
+    for index, disk in enumerate(defn.disks):
+        argv += ["-drive", drive_option(defn.machine, disk, files.get(index))]
     if resources is not None and resources.console_fd is not None:
         argv += serial_console_args(resources.console_fd)  # before extra_args: ours is COM1
     argv += nic_argv(defn, resources.nic_fds if resources is not None else {})

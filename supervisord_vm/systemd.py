@@ -51,7 +51,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError, DBusUnixProcessIdUnknownError
 from pystemd.dbuslib import DBus
@@ -69,6 +69,9 @@ from supervisord_vm.errors import NoSuchUnit, ProcessGone, SystemdError, UnitExi
 from supervisord_vm.unitname import UNIT_NAME_MAX as UNIT_NAME_MAX  # noqa: PLC0414 - re-export
 from supervisord_vm.unitname import escape_name as escape_name  # noqa: PLC0414 - re-export
 from supervisord_vm.unitname import scope_name as scope_name  # noqa: PLC0414 - re-export
+
+if TYPE_CHECKING:
+    from supervisord_vm.confinement import QemuIdentity
 
 log = logging.getLogger(__name__)
 
@@ -1005,6 +1008,8 @@ async def spawn_in_scope(
     stdout: int,
     stderr: int,
     pass_fds: Sequence[int] = (),
+    run_as: QemuIdentity | None = None,
+    umask: int = 0o022,
 ) -> asyncio.subprocess.Process:
     """Start ARGV already inside a new scope: not one instruction of it runs outside.
 
@@ -1013,6 +1018,9 @@ async def spawn_in_scope(
     re-raised. Returns once ARGV is executing; an exec failure raises OSError (the empty scope
     is stopped). stdin is /dev/null; the caller removes NOTIFY_SOCKET from ENV. PASS_FDS are
     handed to ARGV under the same numbers (sockets and files the daemon opened for QEMU).
+    RUN_AS (with UMASK): the trampoline drops to that identity, with no capability left and
+    no_new_privs, after the scope holds it and before the exec (None: ARGV runs as we do). A
+    failure to drop raises OSError(EPERM) with the trampoline's message; ARGV never ran.
     """
     if not argv:
         raise ValueError("empty argv")
@@ -1027,6 +1035,9 @@ async def spawn_in_scope(
             "-S",
             str(_TRAMPOLINE),
             str(child_fd),
+            _spawn_trampoline.UNCONFINED
+            if run_as is None
+            else _spawn_trampoline.encode_credentials(run_as.uid, run_as.gid, run_as.groups, umask),
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=stdout,
@@ -1056,8 +1067,10 @@ async def spawn_in_scope(
             report = b""  # the child died on its own; the caller sees its exit status
     if not report:
         return process
-    code = int(report.decode() or 0)
     await process.wait()
     with contextlib.suppress(SystemdError):
         await systemd.stop_unit(unit)
+    if report.startswith(_spawn_trampoline.PRIVILEGE_FAILURE):
+        raise OSError(errno.EPERM, report[1:].decode("utf-8", "replace"))
+    code = int(report.decode() or 0)
     raise OSError(code, f"cannot execute {argv[0]}: {os.strerror(code)}")

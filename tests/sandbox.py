@@ -350,6 +350,15 @@ def inside_env() -> dict[str, str]:
 INSIDE_STATUS = "/run/svm-sandbox-status"
 
 
+def create_users(sandbox: Sandbox) -> None:
+    """Create the package's users and groups inside (as `make install` does on a host): the
+    group supervisord-vm and the unprivileged user QEMU runs as. The overlay forgets them."""
+    sysusers = CHECKOUT / "units" / "supervisord-vm.sysusers"
+    subprocess.run(
+        sandbox.command(["systemd-sysusers", str(sysusers)]), check=True, capture_output=True
+    )
+
+
 def run_inside(sandbox: Sandbox, argv: Sequence[str]) -> int:
     """Run ARGV as a service inside and return its exit status.
 
@@ -390,6 +399,7 @@ def run(argv: Sequence[str], keep: bool) -> int:
     try:
         with signals_raise():
             sandbox = boot()
+            create_users(sandbox)
             status = run_inside(sandbox, argv)
     except KeyboardInterrupt as interrupt:
         print(f"sandbox: interrupted ({interrupt}); tearing down", file=sys.stderr)

@@ -832,6 +832,7 @@ def test_trampoline_exits_without_exec_when_the_parent_goes_away(tmp_path: Path)
                 "-S",
                 _spawn_trampoline.__file__,
                 str(child_end.fileno()),
+                _spawn_trampoline.UNCONFINED,
                 "/bin/touch",
                 str(marker),
             ],
