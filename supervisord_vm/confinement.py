@@ -131,8 +131,10 @@ async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | No
     key = (binary, st.st_dev, st.st_ino, st.st_mtime_ns, identity.uid)
     supported = _sandbox_support.get(key)
     if supported is None:
-        supported, output = await _probe_sandbox(binary, identity)
-        _sandbox_support[key] = supported
+        answer, output = await _probe_sandbox(binary, identity)
+        if answer is None:
+            return None  # not a program QEMU's user can run: the launch will say so
+        supported = _sandbox_support[key] = answer
         if not supported:
             log.warning(
                 "QEMU binary %s has no seccomp sandbox (-sandbox %s): its VMs run without it (%s)",
@@ -143,7 +145,8 @@ async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | No
     return SANDBOX_OPTION if supported else None
 
 
-async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool, str]:
+async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool | None, str]:
+    """Whether `binary` accepts the filter (None: it could not even be run), and its words."""
     creds = _spawn_trampoline.encode_credentials(
         identity.uid, identity.gid, identity.groups, QEMU_UMASK
     )
@@ -172,6 +175,11 @@ async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool, str
         await process.wait()
         return False, f"no answer to -version within {_PROBE_TIMEOUT:g} s"
     text = err[-400:].decode("utf-8", "replace").strip().replace("\n", " ")
+    if process.returncode in (
+        _spawn_trampoline.EXIT_EXEC_FAILED,
+        _spawn_trampoline.EXIT_PRIVILEGES,
+    ):
+        return None, text
     return process.returncode == 0, text
 
 

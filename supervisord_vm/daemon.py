@@ -34,7 +34,7 @@ import sdnotify
 from sdbus import SdBus, sd_bus_open_system
 from sdbus.sd_bus_internals import SdBusBaseError, SdBusMessage, SdBusRequestNameError
 
-from supervisord_vm import journal, qemu_log
+from supervisord_vm import confinement, journal, qemu_log
 from supervisord_vm.bus import BUS_NAME, BusService
 from supervisord_vm.errors import SystemdError
 from supervisord_vm.model import Caller
@@ -406,6 +406,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {qemu_log.DEFAULT_LIMIT})",
     )
     parser.add_argument(
+        "--qemu-user",
+        default=confinement.QEMU_USER,
+        metavar="USER",
+        help="the unprivileged user QEMU runs as, without capabilities and with its seccomp "
+        f"sandbox (default {confinement.QEMU_USER}); root means the same as --no-confine",
+    )
+    parser.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="opt out of confinement: QEMU runs as root with the daemon's capabilities and no "
+        "seccomp sandbox, and a group member can run any program as root through a "
+        "definition's qemu key (a warning is logged at start)",
+    )
+    parser.add_argument(
+        "--image-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="a directory whose files any group member may use as disks (repeatable; default "
+        f"{confinement.DEFAULT_IMAGE_DIRS[0]}); other files only if the member can open them",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("SVM_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -413,9 +435,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def configure_confinement(args: argparse.Namespace) -> None:
+    """Apply the confinement options; an opt-out, or a missing QEMU user, is said at start."""
+    user = None if args.no_confine or args.qemu_user == "root" else args.qemu_user
+    confinement.configure(user, args.image_dir or confinement.DEFAULT_IMAGE_DIRS)
+    if user is None:
+        log.warning(
+            "confinement is off (%s): QEMU runs as root with the daemon's capabilities and "
+            "without its seccomp sandbox; members of group supervisord-vm can run any program "
+            "as root through a definition's qemu key",
+            "--no-confine" if args.no_confine else "--qemu-user root",
+        )
+        return
+    try:
+        identity = confinement.qemu_identity()
+    except confinement.ConfinementUnavailable as exc:
+        log.error("%s: no VM can start until it exists", exc)
+        return
+    if identity is not None:
+        log.info(
+            "QEMU runs as %s (uid %d), without capabilities; image directories: %s",
+            identity.user,
+            identity.uid,
+            ", ".join(str(d) for d in confinement.image_dirs()),
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.log_level, sys.stderr)
+    configure_confinement(args)
     paths = Paths(
         definitions_dir=args.definitions_dir,
         state_dir=args.state_dir,

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
-from supervisord_vm import network, qemu_log
+from supervisord_vm import confined_launch, network, qemu_log
 from supervisord_vm.definition import Definition
+from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import SvmError
 from supervisord_vm.qemu import LaunchResources, build_argv
 from supervisord_vm.systemd import ScopeProperties, Systemd, spawn_in_scope
@@ -67,13 +68,17 @@ async def launch(
     log_limit: int,
     slice: str,
     resources: LaunchResources | None = None,
+    owner: Credentials | None = None,
 ) -> Launched:
     """Spawn QEMU inside a new scope `unit`, its output appended to `log_file`.
 
     Raises LaunchFailed (or the SvmError of the scope's creation); a log file this call created
     is removed again then, since QEMU never ran, and so are the taps it made for bridge NICs.
+    QEMU runs confined (confined_launch.py): disks opened with `owner`'s rights where the path
+    policy says so (None: root's definition), monitor socket bound by the daemon.
     """
     log_created = False
+    confined: confined_launch.ConfinedLaunch | None = None
     nics = network.OpenedNics()
     try:
         nics = await network.open_nics(defn)
@@ -88,6 +93,9 @@ async def launch(
             _prepare_files, socket_path, log_file, log_limit, header
         )
         try:
+            if resources is None:
+                resources = LaunchResources(qmp_socket=socket_path)
+            confined = await confined_launch.prepare(defn, resources, socket_path, owner)
             env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
             props = ScopeProperties(
                 description=f"QEMU virtual machine {defn.name} (supervisord-vm)",
@@ -102,10 +110,14 @@ async def launch(
                 env=env,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=resources.pass_fds if resources is not None else (),
+                pass_fds=resources.pass_fds,
+                run_as=confined.identity,
+                umask=confined.umask,
             )
         finally:
             os.close(log_fd)
+            if confined is not None:
+                confined.close_fds()  # the daemon's copies: a QEMU that runs holds its own
             nics.close_fds()  # the daemon's copies: a QEMU that runs holds its own
     except (SvmError, OSError, network.NetworkError) as err:
         await network.discard(defn.name, nics)  # no tap outlives a start that did not happen
@@ -119,7 +131,8 @@ async def launch(
         # spawn_in_scope's OSError for a failed execve of QEMU carries execve's errno and no
         # file name; others (fork, the trampoline itself) name their file.
         if err.filename is None and (err.strerror or "").startswith("cannot execute"):
-            raise LaunchFailed(exec_problem(defn.qemu, err)) from err
+            user = confined.identity.user if confined and confined.identity else None
+            raise LaunchFailed(exec_problem(defn.qemu, err, user)) from err
         raise LaunchFailed(os_error(err)) from err
     return Launched(process, log_file, log_offset)
 
@@ -197,9 +210,18 @@ _EXEC_PROBLEMS: Mapping[int, str] = {
 }
 
 
-def exec_problem(program: str, err: OSError) -> str:
-    """Why execve of `program` failed, said about the program: no raw "[Errno N]"."""
+def exec_problem(program: str, err: OSError, user: str | None = None) -> str:
+    """Why execve of `program` failed, said about the program: no raw "[Errno N]".
+
+    `user`: the unprivileged user QEMU runs as, named when it lacks permission.
+    """
     code = err.errno or 0
+    if code == errno.EACCES and user is not None:
+        return (
+            f"QEMU binary {program} cannot be executed by user {user}, whom QEMU runs as "
+            "(permission denied: the file and every directory above it must be accessible to "
+            "that user)"
+        )
     reason = os.strerror(code) if code else str(err)
     problem = _EXEC_PROBLEMS.get(code)
     if problem is None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from supervisord_vm import launch, lifecycle, qemu_log
+from supervisord_vm import confinement, launch, lifecycle, qemu_log
 from supervisord_vm.definition import Definition, definition_to_toml
+from supervisord_vm.disk_access import OwnerStore
 from supervisord_vm.errors import (
     Busy,
     InvalidState,
@@ -277,6 +278,9 @@ class Machine:
         socket_path = self.ctx.runtime.qmp_socket(self.name)
         try:
             await self.clear_scope()
+            # Where QEMU, unprivileged, may create files itself (removed by runtime.remove).
+            await asyncio.to_thread(confinement.qemu_runtime_dir, self.ctx.paths, self.name)
+            owner = OwnerStore(self.ctx.paths.state_dir).get(self.name)
             launched = await launch.launch(
                 defn,
                 self.unit,
@@ -285,6 +289,7 @@ class Machine:
                 log_file=log_path(self.ctx.paths, self.name),
                 log_limit=self.ctx.log_limit,
                 slice=self.ctx.slice,
+                owner=owner,
             )
         except (SvmError, launch.LaunchFailed) as err:
             await self._fail_without_run(f"cannot start VM {self.name}: {err}")

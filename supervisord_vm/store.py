@@ -16,6 +16,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from supervisord_vm.confinement import remove_qemu_runtime_dir
 from supervisord_vm.definition import (
     Definition,
     definition_to_toml,
@@ -316,6 +317,7 @@ class RuntimeStore:
         """Forget a VM's runtime files; fine if they are already gone."""
         _remove(self._record_path(name))
         self.qmp_socket(name).unlink(missing_ok=True)
+        remove_qemu_runtime_dir(self.directory, name)
 
 
 def _exit_from_json(data: object) -> tuple[Reason, ExitInfo]:

@@ -204,6 +204,7 @@ async def ptrace_hold(pid: int) -> AsyncIterator[None]:
 async def lifecycle_env() -> AsyncIterator[Env]:
     """A fresh Supervisor over short temp paths; after the test, proves nothing was left."""
     base = Path(tempfile.mkdtemp(prefix="svmt-", dir="/run"))
+    os.chmod(base, 0o711)  # noqa: PTH101 - QEMU's user may pass (to a `qemu` script)
     paths = Paths(
         definitions_dir=base / "defs",
         state_dir=base / "state",
