@@ -135,6 +135,7 @@ _ERROR_MAP: tuple[tuple[type[Exception], type[DbusFailedError]], ...] = (
     (errors.Busy, BusyError),
     (errors.OperationTimeout, TimeoutError_),
     (errors.InvalidDefinition, InvalidDefinitionError),
+    (errors.DiskAccessDenied, AccessDeniedError),
     (errors.StartFailed, StartFailedError),
     (errors.SystemdError, SystemdErrorError),
     (errors.QmpError, QmpErrorError),
@@ -226,7 +227,8 @@ class Authorizer:
         uid = int(creds["UnixUserID"][1])
         pid = int(creds["ProcessID"][1]) if "ProcessID" in creds else 0
         groups = {int(g) for g in creds["UnixGroupIDs"][1]} if "UnixGroupIDs" in creds else None
-        return Caller(uid=uid, pid=pid), groups
+        caller_groups = tuple(sorted(groups)) if groups is not None else None
+        return Caller(uid=uid, pid=pid, groups=caller_groups), groups
 
     @staticmethod
     async def allowed(caller: Caller, groups: set[int] | None) -> bool:

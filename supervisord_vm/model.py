@@ -55,6 +55,9 @@ class Caller:
 
     uid: int
     pid: int
+    # The groups the bus reported for the caller's process (None: unknown); a group member's
+    # disks are opened with these (disk_access.py).
+    groups: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisord_vm import journal, qemu_log, reattach
+from supervisord_vm import disk_access, journal, qemu_log, reattach
 from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
+from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import (
     InvalidDefinition,
     InvalidState,
@@ -99,6 +100,7 @@ class Supervisor:
         self._definitions = DefinitionStore(paths.definitions_dir)
         self._runtime = RuntimeStore(paths.runtime_dir)
         self._state = StateStore(paths.state_dir)
+        self._owners = disk_access.OwnerStore(paths.state_dir)
         self._restarts = RestartPolicy(restart_limits or RestartPolicyLimits())
         self._ctx = MachineContext(
             paths=paths,
@@ -518,9 +520,12 @@ class Supervisor:
         """Store a definition; an existing VM's new definition takes effect on its next start."""
         async with self._audit("define", _named(toml_text), caller), self._definitions_lock:
             defn = parse_definition(toml_text)
+            owner = await self._disk_owner(defn, caller)
             # fsync on /etc may take long on a busy disk: not on the event loop. The lock keeps
             # the file and the VM's definition in step when two clients define one name.
             await asyncio.to_thread(self._definitions.save, defn)
+            if owner is None:  # root's definition now: after the save (a crash errs narrower)
+                await asyncio.to_thread(self._owners.set, defn.name, None)
             machine = self._machines.get(defn.name)
             if machine is None:
                 machine = Machine(defn, self._ctx, transient=False)
@@ -531,6 +536,17 @@ class Supervisor:
             machine_info = machine.info()
             machine.emit(EventType.DEFINED)
             return machine_info
+
+    async def _disk_owner(self, defn: Definition, caller: Caller | None) -> Credentials | None:
+        """Whose rights `defn`'s disks are opened with: None for root (or the daemon itself);
+        for a group member, their own — checked now (DiskAccessDenied, nothing opened, nothing
+        stored) and recorded before the definition is, so it holds for every later start."""
+        if caller is None or caller.uid == 0:
+            return None
+        owner = await asyncio.to_thread(Credentials.of_caller, caller.uid, caller.groups)
+        await disk_access.check_disks(defn, owner)
+        await asyncio.to_thread(self._owners.set, defn.name, owner)
+        return owner
 
     async def undefine(self, name: str, caller: Caller | None = None) -> None:
         """Remove the definition; a running VM keeps running as a transient one."""
@@ -547,6 +563,7 @@ class Supervisor:
                 self._forget(name)
                 self._restarts.forget(name)
                 self._state.remove_exit(name)
+                self._owners.set(name, None)
             else:
                 machine.set_transient(True)
                 self._registry_changed(name)
@@ -557,6 +574,8 @@ class Supervisor:
             defn = parse_definition(toml_text)
             if defn.name in self._machines:
                 raise MachineExists(f"a VM named {defn.name!r} already exists")
+            if await self._disk_owner(defn, caller) is None:
+                await asyncio.to_thread(self._owners.set, defn.name, None)
             machine = Machine(defn, self._ctx, transient=True)
             self._add(machine)
             await machine.start()
@@ -667,6 +686,8 @@ class Supervisor:
                 else:
                     machine.set_transient(True)
                     self._registry_changed(name)
+            for name in (*added, *changed):  # root's files now: their disks are root's
+                await asyncio.to_thread(self._owners.set, name, None)
             for name in added:
                 self._machines[name].emit(EventType.DEFINED)
             return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
