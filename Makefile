@@ -182,3 +182,26 @@ demo-inside: install
 	$(BINDIR)/svmctl list --all
 	$(BINDIR)/svmctl status demo
 	systemctl --no-pager status svm-demo.scope | head -n 8
+
+# --- Debian packages (issue 10) ---------------------------------------------------------------
+# make deb        supervisord-vm and the Python libraries bookworm lacks (qemu.qmp, sdbus: from
+#                 their PyPI sdists) as .debs in $(DIST)/ with an apt index, lintian-checked:
+#                 `deb [trusted=yes] file:$(CURDIR)/$(DIST) ./` then `apt install supervisord-vm`.
+#                 Also fetches the few bookworm packages this host lacks into build/deb/
+#                 bookworm-subset (the offline install test's stand-in for the Debian mirror).
+# make deb-deps   the Debian packages the build needs
+# The build runs with a clean environment and Debian's python3 (pyenv's first on PATH breaks
+# pybuild).
+DIST ?= dist
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-all-dev \
+	python3-setuptools python3-setuptools-scm python3-wheel python3-pip libsystemd-dev pkg-config \
+	dpkg-dev apt-utils lintian git
+
+.PHONY: deb deb-deps
+
+deb-deps:
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(DEB_BUILD_PACKAGES)"
+
+deb: deb-deps
+	env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$$HOME" /usr/bin/python3 \
+		packaging/build_debs.py --dist $(DIST) --debian-subset build/deb/bookworm-subset
