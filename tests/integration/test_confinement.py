@@ -1,0 +1,310 @@
+"""QEMU confined (issue 9, deliverable 5), against real systemd and QEMU in the sandbox.
+
+QEMU runs as supervisord-vm-qemu with no capability and its seccomp filter; images only root
+can read still boot (the daemon hands QEMU descriptors); a group member can name only files in
+the image directories or files they can open themselves; the host can opt out, loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import grp
+import logging
+import os
+import pwd
+import stat
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisord_vm import confinement, daemon
+from supervisord_vm.errors import (
+    DiskAccessDenied,
+    NoSuchMachine,
+    OperationTimeout,
+    StartFailed,
+)
+from supervisord_vm.model import Caller, Reason, State
+from tests.guests import write_acpi_guest
+from tests.integration.lifecycle_env import WAIT, Env, lifecycle_env, proc_bytes, run_cmd
+
+pytestmark = pytest.mark.integration
+
+MEMBER = "svm-confine-member"
+
+
+def run(body: Callable[[Env], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with lifecycle_env() as env:
+            await body(env)
+
+    asyncio.run(main())
+
+
+@pytest.fixture(autouse=True)
+def default_confinement() -> Iterator[None]:
+    """Every test starts and ends with the daemon's defaults (the settings are global)."""
+    confinement.configure(confinement.QEMU_USER, confinement.DEFAULT_IMAGE_DIRS)
+    yield
+    confinement.configure(confinement.QEMU_USER, confinement.DEFAULT_IMAGE_DIRS)
+
+
+@pytest.fixture
+def member() -> Iterator[Caller]:
+    """A member of group supervisord-vm who is not root, as the bus would report them."""
+    subprocess.run(["useradd", "--no-create-home", "-G", "supervisord-vm", MEMBER], check=True)
+    try:
+        entry = pwd.getpwnam(MEMBER)
+        groups = tuple(sorted(os.getgrouplist(MEMBER, entry.pw_gid)))
+        assert grp.getgrnam("supervisord-vm").gr_gid in groups
+        yield Caller(uid=entry.pw_uid, pid=0, groups=groups)
+    finally:
+        subprocess.run(["userdel", MEMBER], check=True)
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def own_seccomp_filters() -> int:
+    return int(status_fields(os.getpid())["Seccomp_filters"])
+
+
+def qemu_user() -> pwd.struct_passwd:
+    return pwd.getpwnam(confinement.QEMU_USER)
+
+
+def root_only_image(path: Path) -> Path:
+    write_acpi_guest(path)
+    os.chown(path, 0, 0)
+    path.chmod(0o600)
+    return path
+
+
+def toml(name: str, disk: Path, *, snapshot: bool = True, fmt: str = "raw", extra: str = "") -> str:
+    return (
+        f'name = "{name}"\nmemory = 16\naccel = "tcg"\nstop_timeout = 10\n{extra}\n'
+        f'[[disks]]\npath = "{disk}"\nformat = "{fmt}"\nsnapshot = {str(snapshot).lower()}\n'
+    )
+
+
+async def power_off(env: Env, name: str) -> None:
+    """Press the power button until the guest powers off: proof that the boot sector ran
+    (it arms the button only once SeaBIOS has handed over; an earlier press is lost)."""
+    async with asyncio.timeout(WAIT * 3):
+        while True:
+            try:
+                info = await env.supervisor.shutdown(name, timeout=2)
+            except OperationTimeout:
+                continue
+            assert (info.state, info.reason) == (State.SHUTOFF, Reason.SHUTDOWN)
+            return
+
+
+def test_qemu_runs_unprivileged_without_capabilities_under_seccomp() -> None:
+    async def body(env: Env) -> None:
+        image = root_only_image(env.base / "root-only.img")
+        await env.supervisor.create(toml("conf1", image))
+        pid = env.supervisor.get_machine("conf1").pid
+        status = status_fields(pid)
+        user = qemu_user()
+        assert status["Uid"].split() == [str(user.pw_uid)] * 4
+        assert status["Gid"].split() == [str(user.pw_gid)] * 4
+        assert user.pw_uid != 0
+        groups = {int(g) for g in status["Groups"].split()}
+        assert groups == set(os.getgrouplist(user.pw_name, user.pw_gid))
+        assert 0 not in groups
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (caps, status[caps])
+        assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2"
+        # The sandbox's container has a filter of its own (Seccomp 2 for every process in it):
+        # QEMU's own filter is one more than ours.
+        assert int(status["Seccomp_filters"]) > own_seccomp_filters()
+        argv = proc_bytes(pid, "cmdline").split(b"\0")
+        assert b"-sandbox" in argv
+        await power_off(env, "conf1")
+
+    run(body)
+
+
+def test_root_only_images_boot_raw_and_qcow2_written_and_snapshot() -> None:
+    """The daemon opens each image and hands QEMU the descriptors: a 0600 root file boots
+    whether QEMU writes to it (read-write and read-only fds in its set) or not."""
+
+    async def body(env: Env) -> None:
+        raw = root_only_image(env.base / "rw.img")
+        qcow2 = env.base / "rw.qcow2"
+        await run_cmd("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+        qcow2.chmod(0o600)
+        cases = [
+            ("c-raw-rw", raw, False, "raw"),
+            ("c-raw-snap", raw, True, "raw"),
+            ("c-q-rw", qcow2, False, "qcow2"),
+            ("c-q-snap", qcow2, True, "qcow2"),
+        ]
+        for name, image, snapshot, fmt in cases:
+            await env.supervisor.create(toml(name, image, snapshot=snapshot, fmt=fmt))
+            pid = env.supervisor.get_machine(name).pid
+            assert int(status_fields(pid)["Uid"].split()[0]) == qemu_user().pw_uid
+            argv = proc_bytes(pid, "cmdline").decode().split("\0")
+            drive = argv[argv.index("-drive") + 1]
+            assert drive.startswith("file=/dev/fdset/"), drive
+            await power_off(env, name)
+        assert stat.S_IMODE(raw.stat().st_mode) == 0o600  # nothing was chmod'ed or chown'ed
+        assert raw.stat().st_uid == 0
+
+    run(body)
+
+
+def test_runtime_files_are_not_reachable_by_other_users() -> None:
+    async def body(env: Env) -> None:
+        image = root_only_image(env.base / "img0.img")
+        await env.supervisor.create(toml("conf2", image))
+        runtime = env.paths.runtime_dir
+        qmp = runtime / "conf2.qmp"
+        assert stat.S_ISSOCK(qmp.stat().st_mode)
+        assert (qmp.stat().st_uid, stat.S_IMODE(qmp.stat().st_mode)) == (0, 0o600)
+        qemu_dir = runtime / "qemu" / "conf2"
+        info = qemu_dir.stat()
+        assert (info.st_uid, info.st_gid) == (
+            qemu_user().pw_uid,
+            grp.getgrnam("supervisord-vm").gr_gid,
+        )
+        assert stat.S_IMODE(info.st_mode) == 0o2750
+        for path in [runtime, *runtime.rglob("*")]:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if path.is_dir():
+                assert mode & 0o006 == 0, f"{path} is {oct(mode)}"  # others: at most search
+            else:
+                assert mode & 0o007 == 0, f"{path} is {oct(mode)}"
+        await env.supervisor.destroy("conf2")
+        assert not (runtime / "qemu").exists()  # removed with the other runtime files
+
+    run(body)
+
+
+def test_the_qemu_key_never_runs_a_program_as_root() -> None:
+    async def body(env: Env) -> None:
+        script = env.base / "fake-qemu"
+        script.write_text('#!/bin/sh\necho "uid=$(id -u)" >&2\nexec qemu-system-x86_64 "$@"\n')
+        script.chmod(0o755)
+        image = root_only_image(env.base / "img1.img")
+        await env.supervisor.create(toml("conf3", image, extra=f'qemu = "{script}"'))
+        log = env.supervisor.log_path("conf3").read_text()
+        uids = {line for line in log.splitlines() if line.startswith("uid=")}
+        # the seccomp probe and the VM itself: both as QEMU's user
+        assert uids == {f"uid={qemu_user().pw_uid}"}, log
+        await env.supervisor.destroy("conf3")
+
+    run(body)
+
+
+def test_member_cannot_name_a_file_they_cannot_open(member: Caller) -> None:
+    async def body(env: Env) -> None:
+        secret = env.base / "secret"
+        secret.write_text("root only\n")
+        secret.chmod(0o600)
+        with watch_opens(secret) as opened:
+            for path in ("/etc/shadow", str(secret)):
+                with pytest.raises(DiskAccessDenied) as caught:
+                    await env.supervisor.define(toml("shadow", Path(path)), member)
+                message = str(caught.value)
+                assert f"disk {path}: not in an image directory" in message
+                assert f"uid {member.uid} cannot open it for reading" in message
+                assert "Permission denied" in message
+                with pytest.raises(DiskAccessDenied):
+                    await env.supervisor.create(toml("shadow", Path(path)), member)
+            assert opened() == 0
+        with pytest.raises(NoSuchMachine):
+            env.supervisor.get_machine("shadow")
+        assert not env.paths.definitions_dir.joinpath("shadow.toml").exists()
+        # root may name anything
+        await env.supervisor.define(toml("shadow", secret))
+        await env.supervisor.undefine("shadow")
+
+    run(body)
+
+
+def test_member_may_use_images_dir_and_own_files_and_a_later_swap_is_refused(
+    member: Caller,
+) -> None:
+    async def body(env: Env) -> None:
+        confinement.configure(confinement.QEMU_USER, [env.images])
+        in_images = root_only_image(env.images / "member.img")
+        await env.supervisor.define(toml("mine1", in_images), member)
+        await env.supervisor.start("mine1")  # started by root (as autostart would): still fine
+        await power_off(env, "mine1")
+
+        own = env.base / "own.img"
+        write_acpi_guest(own)
+        os.chown(own, member.uid, -1)
+        own.chmod(0o600)
+        await env.supervisor.define(toml("mine2", own, snapshot=False), member)
+        await env.supervisor.start("mine2")
+        await env.supervisor.destroy("mine2")
+
+        # The member swaps their file for a link to root's: the next start, by root, opens it
+        # with the member's rights and is refused.
+        secret = root_only_image(env.base / "secret.img")
+        own.unlink()
+        own.symlink_to(secret)
+        with pytest.raises(StartFailed, match=r"uid \d+ cannot open it for reading and writing"):
+            await env.supervisor.start("mine2")
+        for name in ("mine1", "mine2"):
+            await env.supervisor.undefine(name)
+
+    run(body)
+
+
+def test_opting_out_runs_qemu_as_root_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(env: Env) -> None:
+        with caplog.at_level(logging.WARNING, logger="supervisord_vm"):
+            daemon.configure_confinement(daemon.parse_args(["--no-confine"]))
+        assert any("confinement is off (--no-confine)" in r.getMessage() for r in caplog.records)
+        image = root_only_image(env.base / "img2.img")
+        await env.supervisor.create(toml("asroot", image))
+        status = status_fields(env.supervisor.get_machine("asroot").pid)
+        assert status["Uid"].split()[0] == "0"
+        assert int(status["CapEff"], 16) != 0
+        assert int(status["Seccomp_filters"]) == own_seccomp_filters()  # no filter of its own
+        await env.supervisor.destroy("asroot")
+
+    run(body)
+
+
+# --- inotify: proof that a refused file was never opened ---------------------------------------
+
+_IN_OPEN = 0x20
+_IN_ACCESS = 0x01
+
+
+@contextlib.contextmanager
+def watch_opens(path: Path) -> Iterator[Callable[[], int]]:
+    """Count open(2)s and reads of `path` while the block runs (inotify IN_OPEN|IN_ACCESS)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(path), _IN_OPEN | _IN_ACCESS) >= 0
+
+        def count() -> int:
+            events = 0
+            with contextlib.suppress(BlockingIOError):
+                data = os.read(fd, 65536)
+                offset = 0
+                while offset < len(data):
+                    _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                    events += bool(mask & (_IN_OPEN | _IN_ACCESS))
+                    offset += 16 + length
+            return events
+
+        yield count
+    finally:
+        os.close(fd)
