@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from supervisord_vm import confinement, launch, lifecycle, qemu_log
+from supervisord_vm import confinement, launch, lifecycle, network, qemu_log
 from supervisord_vm.definition import Definition, definition_to_toml
 from supervisord_vm.disk_access import OwnerStore
 from supervisord_vm.errors import (
@@ -725,6 +725,9 @@ class Machine:
             await self.clear_scope()
         except SvmError as err:
             log.warning("VM %s: cannot clear scope %s: %s", self.name, self.unit, err)
+        # QEMU is gone with its scope: the taps made for it go now (before a new start can
+        # begin); found by name and alias, so a run whose definition is lost is cleaned too.
+        await network.remove_vm_taps(self.name)
         # The exit record, then the event, then the runtime files: a daemon killed before the
         # runtime record is gone leaves it, and the next one finishes this cleanup with the
         # recorded reason and announces the exit (again, at worst, saying it is a replay:
