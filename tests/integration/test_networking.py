@@ -164,9 +164,9 @@ def vm(netns_service: None) -> Iterator[Callable[..., str]]:
     """Define a VM with the given [[nics]] tables; destroyed and undefined afterwards."""
     names: list[str] = []
 
-    def make(name: str, nics: str) -> str:
+    def make(name: str, nics: str, **extra: str) -> str:
         path = Path(f"/run/{name}.toml")
-        path.write_text(definition(name, ACPI_IMAGE) + nics)
+        path.write_text(definition(name, ACPI_IMAGE, 5, **extra) + nics)
         result = svm("define", str(path))
         path.unlink()
         assert result.returncode == 0, result.stderr
@@ -217,14 +217,53 @@ def test_bridge_nic_tap_is_on_the_bridge_held_by_qemu_and_gone_after_destroy(
     assert link(BRIDGE) is not None
 
 
-def test_tap_is_gone_after_qemu_crashes(vm: Callable[..., str]) -> None:
-    name = vm("nt_crash", bridge_nic())
+def power_off(name: str) -> bool:
+    """Press the power button (again: a press before the guest armed it is lost)."""
+    svm("shutdown", name, "--timeout", "2")
+    return status(name)["state"] == "shutoff"
+
+
+@pytest.mark.parametrize("reason", ["crashed", "stopped-externally", "shutdown", "destroyed"])
+def test_tap_is_gone_after_every_kind_of_exit(vm: Callable[..., str], reason: str) -> None:
+    name = vm(f"nt_{reason.replace('-', '_')}", bridge_nic())
     assert svm("start", name).returncode == 0
     tap = assert_tap_on_bridge(name)
-    os.kill(qemu_pid(name), signal.SIGKILL)
-    wait_for(lambda: status(name)["state"] == "shutoff", what="the crash to be settled")
-    assert status(name)["reason"] == "crashed"
+    if reason == "crashed":
+        os.kill(qemu_pid(name), signal.SIGKILL)
+    elif reason == "stopped-externally":
+        sh("systemctl", "stop", f"svm-{name}.scope", check=True)
+    elif reason == "shutdown":
+        wait_for(lambda: power_off(name), timeout=60, what="the guest to power off")
+    else:
+        assert svm("destroy", "--force", name).returncode == 0
+    wait_for(lambda: status(name)["state"] == "shutoff", what="the exit to be settled")
+    assert status(name)["reason"] == reason
     assert link(tap) is None
+
+
+@pytest.mark.parametrize(
+    ("qemu", "reason"),
+    [
+        ("/bin/false", "QEMU exited before its monitor was ready"),
+        (str(IMAGES / "nt-not-a-program"), "is not an executable program"),
+    ],
+)
+def test_a_start_that_fails_after_the_taps_were_made_leaves_no_tap(
+    vm: Callable[..., str], qemu: str, reason: str
+) -> None:
+    """QEMU that exits at once (the run's cleanup), or cannot be executed (launch's own undo)."""
+    fake = IMAGES / "nt-not-a-program"
+    fake.write_bytes(b"\x00garbage, not an ELF file\n")
+    fake.chmod(0o755)
+    try:
+        name = vm(f"nt_fail{len(qemu)}", bridge_nic(), qemu=f'"{qemu}"')
+        result = svm("start", name)
+        assert result.returncode == 1
+        assert reason in result.stderr
+        assert link(tap_name(name, 0)) is None
+        assert status(name)["reason"] == "failed"
+    finally:
+        fake.unlink()
 
 
 def test_tap_survives_a_daemon_restart_and_goes_with_the_next_destroy(
