@@ -189,10 +189,12 @@ async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool | No
 def qemu_runtime_dir(paths: Paths, name: str) -> Path:
     """The per-VM directory where QEMU may create files itself (a VNC socket), created if missing.
 
-    `runtime_dir/qemu/NAME`, mode 2750: owned by QEMU's identity (root when not confined), group
-    `supervisord-vm` (so the group's members reach what QEMU puts there, and new files inherit
-    that group), nobody else. Its parents stay root's but are made traversable (0711), never
-    listable. Idempotent; removed with `remove_qemu_runtime_dir` in the exit cleanup.
+    `runtime_dir/qemu/NAME`, mode 0750: owned by QEMU's identity (root when not confined), group
+    `supervisord-vm` (so the group's members may enter it), nobody else. Not setgid: the service's
+    RestrictSUIDSGID= refuses that, so a file QEMU creates there has QEMU's group; the daemon gives
+    it to group supervisord-vm where members need it (QEMU's umask is 0007). Its parents stay
+    root's but are made traversable (0711), never listable. Idempotent; removed with
+    `remove_qemu_runtime_dir` in the exit cleanup.
     """
     directory = paths.runtime_dir / "qemu" / validate_name(name)
     for parent in (paths.runtime_dir, directory.parent):
@@ -210,7 +212,7 @@ def qemu_runtime_dir(paths: Paths, name: str) -> Path:
         except KeyError:
             gid = identity.gid if identity is not None else 0
         os.chown(directory, uid, gid, follow_symlinks=False)
-    directory.chmod(0o2750)  # root's directories all the way: no symlink can be in the way
+    directory.chmod(0o750)  # root's directories all the way: no symlink can be in the way
     return directory
 
 

@@ -177,7 +177,7 @@ def test_runtime_files_are_not_reachable_by_other_users() -> None:
             qemu_user().pw_uid,
             grp.getgrnam("supervisord-vm").gr_gid,
         )
-        assert stat.S_IMODE(info.st_mode) == 0o2750
+        assert stat.S_IMODE(info.st_mode) == 0o750
         for path in [runtime, *runtime.rglob("*")]:
             mode = stat.S_IMODE(path.lstat().st_mode)
             if path.is_dir():

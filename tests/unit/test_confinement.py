@@ -207,7 +207,7 @@ def test_qemu_runtime_dir_is_private_and_removed(tmp_path: Path) -> None:
     paths = Paths(runtime_dir=tmp_path / "run")
     directory = confinement.qemu_runtime_dir(paths, "web1")
     assert directory == tmp_path / "run" / "qemu" / "web1"
-    assert directory.stat().st_mode & 0o7777 == 0o2750
+    assert directory.stat().st_mode & 0o7777 == 0o750
     assert (tmp_path / "run").stat().st_mode & 0o077 == 0o011
     confinement.remove_qemu_runtime_dir(paths.runtime_dir, "web1")
     assert not (tmp_path / "run" / "qemu").exists()
