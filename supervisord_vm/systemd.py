@@ -173,6 +173,8 @@ class ScopeProperties:
     slice: str = "machine.slice"
     after: tuple[str, ...] = ("supervisord-vm.service",)
     before: tuple[str, ...] = ("supervisord-vm-guests.service",)
+    # Resource-control properties as (name, D-Bus signature, value): resources.scope_properties
+    resource_control: tuple[tuple[str, str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ def scope_properties(pids: Sequence[int], props: ScopeProperties) -> list[tuple[
         ("After", "as", list(props.after)),
         ("Before", "as", list(props.before)),
         ("PIDs", "au", list(pids)),
+        *props.resource_control,
     ]
 
 
@@ -617,6 +620,20 @@ class Systemd:
             )
         return statuses
 
+    async def unit_properties(self, unit: str, interface: str) -> dict[str, Any] | None:
+        """Every property of a loaded unit on one interface (a GetAll), values unwrapped; None
+        when the unit is not loaded."""
+        try:
+            path = _text(await self._call_raw(_MANAGER_PATH, _MANAGER_IFACE, "GetUnit", "s", unit))
+            values = await self._call_raw(
+                path, "org.freedesktop.DBus.Properties", "GetAll", "s", interface
+            )
+        except SdBusBaseError as exc:
+            if error_name(exc) in _GONE_ERRORS:
+                return None
+            raise map_error(exc, f"reading properties of {unit}") from exc
+        return {str(name): value[1] for name, value in (values or {}).items()}
+
     async def unit_pids(self, unit: str) -> list[int]:
         rows = await self._manager(f"reading processes of {unit}", "GetUnitProcesses", "s", unit)
         return sorted({int(row[1]) for row in rows or []})
@@ -697,15 +714,37 @@ class Systemd:
         event, self._owner_event = self._owner_event, asyncio.Event()
         event.set()
 
+    async def call_service(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        method: str,
+        signature: str = "",
+        *args: Any,
+    ) -> Any:
+        """One call to another of systemd's services (machined) on the call connection, within
+        the same bound of calls in flight. Raises sdbus's errors as they are (``error_name``
+        reads their D-Bus name); never repeated, whatever the answer."""
+        return await self._call_once(
+            path, interface, method, signature, *args, destination=destination
+        )
+
     async def _call_once(
-        self, path: str, interface: str, method: str, signature: str = "", *args: Any
+        self,
+        path: str,
+        interface: str,
+        method: str,
+        signature: str = "",
+        *args: Any,
+        destination: str = _SYSTEMD,
     ) -> Any:
         if self._closed:
             raise SdBusLibraryError("connection to systemd closed")
         bus: SdBus | None = None
         try:
             bus = self._bus()  # opening the system bus can fail too: map that like a call
-            message = bus.new_method_call_message(_SYSTEMD, path, interface, method)
+            message = bus.new_method_call_message(destination, path, interface, method)
             if signature:
                 message.append_data(signature, *args)
             async with self._in_flight:
