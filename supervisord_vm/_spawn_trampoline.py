@@ -17,8 +17,9 @@ ARGV names therefore never runs as root and can never regain a capability (setui
 file capabilities included). This happens here, after the scope holds the child, so systemd
 moves a process the daemon still fully owns.
 
-Only the standard library's built-in modules and ``_ctypes`` (for prctl and capset, which
-``os`` lacks; ``ctypes`` itself costs ~10 ms of imports) are used, so ``-I -S`` (no site, no user
+Only the standard library's built-in modules, ``_ctypes`` (for prctl and capset, which
+``os`` lacks; ``ctypes`` itself costs ~10 ms of imports) and ``_socket`` (the journal streams
+asked for by SVM_JOURNAL_STREAM) are used, so ``-I -S`` (no site, no user
 paths) keeps startup short and independent of the environment.
 """
 
@@ -34,6 +35,13 @@ EXIT_PRIVILEGES = 126  # privileges could not be dropped: never exec'd
 EXIT_EXEC_FAILED = 127
 NO_CONTROL = "-"
 UNCONFINED = "-"
+# Set to an identifier (qemu-NAME): ARGV's stdout and stderr become journald streams under it,
+# connected from here, inside the scope (see connect_journal_streams). Not passed on to ARGV.
+JOURNAL_STREAM_ENV = "SVM_JOURNAL_STREAM"
+JOURNAL_STREAM_SOCKET = "/run/systemd/journal/stdout"
+# machinectl poweroff sends this to the leader (for a container's init: "power off"). QEMU has
+# no handler, so by default it would die at once, like a pulled plug: it ignores it instead.
+MACHINED_POWEROFF_SIGNAL = _signal.SIGRTMIN + 4
 
 _PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
@@ -114,16 +122,42 @@ def drop_privileges(creds: str) -> None:
     os.umask(int(umask_text, 8))
 
 
+def connect_journal_streams(identifier: str) -> None:
+    """Make fds 1 (priority info) and 2 (warning) streams to journald named IDENTIFIER.
+
+    Connected here, in the scope, as the user ARGV runs as: journald takes the peer's PID,
+    credentials and cgroup at connect time, so every line carries _SYSTEMD_UNIT=the scope and
+    the truthful _UID. No level prefixes: output (a guest's, too) cannot choose its priority.
+    An fd whose stream cannot be opened stays what the parent gave (its fallback).
+    """
+    import _socket  # noqa: PLC0415 - only when asked; socket.py would cost ~5 ms
+
+    for fd, priority in ((1, 6), (2, 4)):
+        stream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
+            stream.connect(JOURNAL_STREAM_SOCKET)
+            stream.shutdown(_socket.SHUT_RD)
+            # identifier, unit, priority, level prefix, to syslog, to kmsg, to console
+            stream.sendall(f"{identifier}\n\n{priority}\n0\n0\n0\n0\n".encode())
+            os.dup2(stream.fileno(), fd)  # the copy is inheritable
+        except OSError:
+            pass
+        finally:
+            stream.close()
+
+
 def main() -> None:
     control = sys.argv[1]
     creds = sys.argv[2]
     argv = sys.argv[3:]
+    journal_identifier = os.environ.pop(JOURNAL_STREAM_ENV, "")
     control_fd = -1 if control == NO_CONTROL else int(control)
     if control_fd >= 0 and os.read(control_fd, 1) != GO:
         os._exit(EXIT_ABANDONED)
     # The interpreter ignores these at startup; an exec'd program would inherit "ignored".
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
+    _signal.signal(MACHINED_POWEROFF_SIGNAL, _signal.SIG_IGN)  # inherited through the exec
     if creds != UNCONFINED:
         try:
             drop_privileges(creds)
@@ -136,6 +170,8 @@ def main() -> None:
             os._exit(EXIT_PRIVILEGES)
     if control_fd >= 0:
         os.set_inheritable(control_fd, False)
+    if journal_identifier:
+        connect_journal_streams(journal_identifier)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
