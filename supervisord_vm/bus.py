@@ -37,6 +37,7 @@ from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 from supervisord_vm import api, errors, journal
 from supervisord_vm.api import ADMIN_GROUP, ERROR_PREFIX, MANAGER_INTERFACE, MANAGER_PATH
 from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
+from supervisord_vm.resources import bus_values
 from supervisord_vm.shutdown_all import shutdown_all
 from supervisord_vm.signals import signal_number
 
@@ -539,6 +540,24 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
     async def get_definition(self) -> str:
         name = self._info.name
         return await self._service.read(lambda: self._service.supervisor.definition_toml(name))
+
+    @dbus_method_async(
+        result_signature="a{sv}",
+        method_name="GetResources",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("resources",),
+    )
+    async def get_resources(self) -> dict[str, tuple[str, object]]:
+        """The running VM's resource limits as its scope reports them now (systemd's property
+        names and units; a limit not set is left out; empty while shut off). Read from systemd
+        on each call, so a `systemctl set-property` shows at once."""
+        name = self._info.name
+
+        async def read() -> dict[str, tuple[str, object]]:
+            found = await self._service.supervisor.resources_in_force(name)
+            return {} if found is None else bus_values(found)
+
+        return await _translated(read())
 
 
 # --- the manager ----------------------------------------------------------------------------

@@ -276,9 +276,62 @@ def _print_event(row: Sequence[Any], as_json: bool) -> None:
         )
 
 
+def _resources_of(values: dict[str, Any]) -> dict[str, Any]:
+    """Machine.GetResources (systemd's names and units) in the definition's [resources] keys
+    and units; None for a limit not set."""
+
+    def get(key: str) -> Any:
+        return values[key][1] if key in values else None
+
+    quota = get("CPUQuotaPerSecUSec")
+    if quota is not None:
+        quota = quota // 10_000 if quota % 10_000 == 0 else quota / 10_000
+    return {
+        "slice": get("Slice"),
+        "control_group": get("ControlGroup"),
+        "cpu_weight": get("CPUWeight"),
+        "cpu_quota": quota,
+        "memory_high": get("MemoryHigh"),
+        "memory_max": get("MemoryMax"),
+        "io_weight": get("IOWeight"),
+        "tasks_max": get("TasksMax"),
+        "allowed_cpus": get("AllowedCPUs"),
+    }
+
+
+def _size(size: int | None) -> str:
+    """Bytes as systemd writes a limit: 512M, 2G; exact bytes where no unit divides."""
+    if size is None:
+        return "-"
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
+
+
+def _resource_lines(found: dict[str, Any]) -> list[tuple[str, object]]:
+    def shown(value: object) -> object:
+        return "-" if value is None else value
+
+    quota = found["cpu_quota"]
+    return [
+        ("Slice", shown(found["slice"])),
+        ("CPU weight", shown(found["cpu_weight"])),
+        ("CPU quota", "-" if quota is None else f"{quota}%"),
+        ("Memory high", _size(found["memory_high"])),
+        ("Memory max", _size(found["memory_max"])),
+        ("IO weight", shown(found["io_weight"])),
+        ("Tasks max", shown(found["tasks_max"])),
+        ("Allowed CPUs", shown(found["allowed_cpus"])),
+    ]
+
+
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(_json({key: status[key] for key in STATUS_KEYS}))
+        shown = {key: status[key] for key in STATUS_KEYS}
+        if "resources" in status:
+            shown["resources"] = status["resources"]
+        print(_json(shown))
         return
     exit_parts = [status["exit_result"] or ""]
     if status["exit_status"] >= 0:
@@ -299,6 +352,11 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         ("Last exit", " ".join(p for p in exit_parts if p) or "-"),
         ("Exited at", _when(status["exit_time"])),
     ]
+    found = status.get("resources")
+    if isinstance(found, dict):
+        lines += _resource_lines(found)
+    elif "resources_problem" in status:
+        lines.append(("Limits", f"unknown ({status['resources_problem']})"))
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
         print(f"{label.rjust(width)}: {value}")
@@ -332,7 +390,17 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    _print_status(client.status(args.name), args.json)
+    status = client.status(args.name)
+    # The limits in force, as systemd reports them now: only a running VM has any.
+    status["resources"] = None
+    if status["state"] != "shutoff":
+        try:
+            found = client.call(status["path"], MACHINE_INTERFACE, "GetResources")
+        except CommandError as exc:  # the rest of the status is still worth showing
+            status["resources_problem"] = str(exc)
+        else:
+            status["resources"] = _resources_of(found) if found else None
+    _print_status(status, args.json)
     return EXIT_OK
 
 

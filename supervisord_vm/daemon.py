@@ -325,7 +325,7 @@ class Daemon:
         self.supervisor = supervisor
         service = BusService(bus, supervisor, self.reload)
         try:
-            await self._unless_lost(supervisor.start_up())
+            await self._unless_lost(supervisor.start_up(autostart=False))
             service.export()
             try:
                 await self._unless_lost(bus.request_name_async(BUS_NAME, 0))
@@ -337,6 +337,9 @@ class Daemon:
             unsubscribe = supervisor.subscribe(lambda _event: self._status_soon(supervisor))
             self.notifier.send("READY=1", f"STATUS={supervisor.summary()}")
             log.info("ready: %s", supervisor.summary())
+            # After READY=1: autostart in dependency order, with its delays, may take longer
+            # than systemd waits for it (TimeoutStartSec), and clients may call meanwhile.
+            self._spawn(supervisor.autostart())
             await self.stopping.wait()
             unsubscribe()
             if not self.lost_reason:

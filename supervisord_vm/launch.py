@@ -22,6 +22,7 @@ from supervisord_vm.definition import Definition
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import SvmError
 from supervisord_vm.qemu import LaunchResources, build_argv
+from supervisord_vm.resources import resource_control
 from supervisord_vm.systemd import ScopeProperties, Systemd, spawn_in_scope
 
 # Environment variables a service manager hands to the daemon that QEMU must never see.
@@ -100,7 +101,10 @@ async def launch(
             props = ScopeProperties(
                 description=f"QEMU virtual machine {defn.name} (supervisord-vm)",
                 stop_timeout=float(defn.stop_timeout),
-                slice=slice,
+                # The definition's own slice, else the daemon's: systemd creates a slice that
+                # does not exist yet (and its parents: tenant-a-web.slice is in tenant-a.slice).
+                slice=defn.resources.slice or slice,
+                resource_control=resource_control(defn.resources),
             )
             process = await spawn_in_scope(
                 systemd,

@@ -726,8 +726,10 @@ class Machine:
         except SvmError as err:
             log.warning("VM %s: cannot clear scope %s: %s", self.name, self.unit, err)
         # QEMU is gone with its scope: the taps made for it go now (before a new start can
-        # begin); found by name and alias, so a run whose definition is lost is cleaned too.
-        await network.remove_vm_taps(self.name)
+        # begin), found by name and alias. A run this daemon started says whether it made any;
+        # for one it adopted or settles, the definition may not be what ran: always look.
+        if run is None or run.process is None or network.makes_taps(self._running_definition):
+            await network.remove_vm_taps(self.name)
         # The exit record, then the event, then the runtime files: a daemon killed before the
         # runtime record is gone leaves it, and the next one finishes this cleanup with the
         # recorded reason and announces the exit (again, at worst, saying it is a replay:

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -79,8 +80,13 @@ def tap_name(vm_name: str, index: int) -> str:
     if len(plain.encode()) <= IFNAME_MAX and _PLAIN_NAME.fullmatch(vm_name):
         return plain
     suffix = f"-{index}"
-    digest = base64.b32encode(hashlib.sha256(vm_name.encode()).digest()).decode().lower()
-    return "svm" + digest[: IFNAME_MAX - 3 - len(suffix)] + suffix
+    return "svm" + _name_digest(vm_name)[: IFNAME_MAX - 3 - len(suffix)] + suffix
+
+
+@functools.lru_cache(maxsize=1024)
+def _name_digest(vm_name: str) -> str:
+    """Base32 of the name's SHA-256 (cached: a cleanup compares it with every interface)."""
+    return base64.b32encode(hashlib.sha256(vm_name.encode()).digest()).decode().lower()
 
 
 def tap_alias(vm_name: str, index: int) -> str:
@@ -110,6 +116,11 @@ def netdev_id(index: int) -> str:
 def needs_host_devices(defn: Definition) -> bool:
     """Whether a start must open taps (and load pyroute2) for this definition."""
     return any(nic.type in ("bridge", "tap") for nic in defn.nics)
+
+
+def makes_taps(defn: Definition) -> bool:
+    """Whether a start of `defn` makes taps (which its exit cleanup must remove)."""
+    return any(nic.type == "bridge" for nic in defn.nics)
 
 
 def nic_argv(defn: Definition, tap_fds: Mapping[int, int]) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisord_vm import disk_access, journal, qemu_log, reattach
+from supervisord_vm import autostart_order, disk_access, journal, qemu_log, reattach, resources
 from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import (
@@ -29,6 +29,7 @@ from supervisord_vm.errors import (
     MachineExists,
     NoSuchMachine,
     SvmError,
+    SystemdError,
 )
 from supervisord_vm.machine import Machine, MachineContext
 from supervisord_vm.model import (
@@ -64,6 +65,9 @@ RECENT_EVENTS = 1000  # the newest events of all VMs together (GetEvents(""))
 RECENT_EVENTS_PER_VM = 100
 # VMs reattached or autostarted at once: each makes a few systemd and QMP calls at a time.
 REATTACH_CONCURRENCY = 16
+# How long `svmctl status` waits for systemd to report a running VM's limits (it answers at
+# once unless it is reloading or re-executing; a status must not hang on that).
+RESOURCES_READ_TIMEOUT = 5.0
 
 # One MESSAGE_ID per event type, so `journalctl MESSAGE_ID=...` finds every VM stop (etc.).
 MESSAGE_IDS: dict[EventType, str] = {
@@ -128,8 +132,12 @@ class Supervisor:
 
     # --- start-up and shutdown of the daemon ----------------------------------------------------
 
-    async def start_up(self) -> None:
-        """Load definitions, reattach running VMs, settle ended ones, autostart once per boot."""
+    async def start_up(self, *, autostart: bool = True) -> None:
+        """Load definitions, reattach running VMs, settle ended ones, autostart once per boot.
+
+        The daemon passes autostart=False and calls `autostart()` once it is ready: waiting in
+        dependency order with delays can take longer than systemd waits for READY=1.
+        """
         self._unsubscribe_units = self._systemd.subscribe(self._on_unit_event)
         self._log_bounder.start()
         for directory in (
@@ -158,8 +166,18 @@ class Supervisor:
                 self._machines[name].restore_exit(reason, exit_info)
             elif name not in self._broken_on_disk:
                 self._state.remove_exit(name)
+        for problem in autostart_order.graph_problems(self._autostart_graph()):
+            log.error("autostart order: %s", problem)
         await self._reattach()
-        await self._autostart()
+        if autostart:
+            await self._autostart()
+
+    async def autostart(self) -> None:
+        """Autostart the VMs once per host boot, in their autostart_after order."""
+        try:
+            await self._autostart()
+        except Exception:
+            log.exception("autostart failed")
 
     async def _reattach(self) -> None:
         """Adopt or settle every VM a previous daemon left, several at a time.
@@ -292,22 +310,37 @@ class Supervisor:
             return
         if self._state.autostart_boot_id() == boot_id:
             return
-        limit = asyncio.Semaphore(REATTACH_CONCURRENCY)
-
-        async def start(machine: Machine) -> None:
-            async with limit:
-                try:
-                    await machine.start()
-                except SvmError as err:
-                    log.error("autostart of VM %s failed: %s", machine.name, err)
-
-        await asyncio.gather(
-            *(
-                start(machine)
-                for machine in list(self._machines.values())
+        order = autostart_order.plan(
+            self._autostart_graph(),
+            (
+                machine.name
+                for machine in self._machines.values()
                 if machine.definition.autostart and machine.state is State.SHUTOFF
-            )
+            ),
         )
+        rounds = autostart_order.levels(order)
+        if len(rounds) > 1:
+            log.info("autostart order: %s", " | ".join(", ".join(names) for names in rounds))
+
+        async def start(name: str) -> bool:
+            """Started (running) or not; what changed meanwhile (a delay is long) is respected."""
+            machine = self._machines.get(name)
+            if machine is None or not machine.definition.autostart:
+                return False  # undefined, or its autostart turned off, while it waited
+            if machine.state is not State.SHUTOFF:
+                return machine.state is State.RUNNING  # started by someone else meanwhile
+            try:
+                await machine.start()
+            except SvmError as err:
+                log.error("autostart of VM %s failed: %s", name, err)
+                return False
+            return True
+
+        def delay_of(name: str) -> float:
+            machine = self._machines.get(name)
+            return float(machine.definition.autostart_delay) if machine is not None else 0.0
+
+        await autostart_order.run(order, start, delay_of, limit=REATTACH_CONCURRENCY)
         # Only once every start was attempted: a daemon killed during autostart leaves the
         # boot unmarked, and the next one starts the rest (the ones already running it
         # reattached, so none starts twice). A start that failed is not retried this boot.
@@ -401,6 +434,30 @@ class Supervisor:
         Blocking (file reads): call it in a worker thread. NoSuchMachine as log_path says.
         """
         return qemu_log.read_tail(self.log_path(name), max_bytes)
+
+    def _autostart_graph(self) -> dict[str, tuple[str, ...]]:
+        """Every defined VM's autostart_after (transient VMs never autostart)."""
+        return {
+            name: machine.definition.autostart_after
+            for name, machine in self._machines.items()
+            if not machine.transient
+        }
+
+    async def resources_in_force(self, name: str) -> resources.ResourcesInForce | None:
+        """VM `name`'s limits as its scope reports them now, including changes made with
+        `systemctl set-property`; None while it has no scope (shut off)."""
+        machine = self._get(name)
+        if machine.state is State.SHUTOFF:
+            return None
+        try:
+            async with asyncio.timeout(RESOURCES_READ_TIMEOUT):
+                props = await self._systemd.unit_properties(machine.unit, resources.SCOPE_INTERFACE)
+        except TimeoutError:
+            raise SystemdError(
+                f"systemd did not report the limits of {machine.unit} within "
+                f"{RESOURCES_READ_TIMEOUT:g} s"
+            ) from None
+        return None if props is None else resources.in_force(props)
 
     def summary(self) -> str:
         running = sum(1 for m in self._machines.values() if m.state is not State.SHUTOFF)
@@ -520,6 +577,9 @@ class Supervisor:
         """Store a definition; an existing VM's new definition takes effect on its next start."""
         async with self._audit("define", _named(toml_text), caller), self._definitions_lock:
             defn = parse_definition(toml_text)
+            graph = self._autostart_graph()
+            graph.pop(defn.name, None)
+            autostart_order.check_definition(defn.name, defn.autostart_after, graph, "definition")
             owner = await self._disk_owner(defn, caller)
             # fsync on /etc may take long on a busy disk: not on the event loop. The lock keeps
             # the file and the VM's definition in step when two clients define one name.
@@ -554,6 +614,13 @@ class Supervisor:
             machine = self._get(name)
             if machine.transient:
                 raise InvalidState(f"VM {name} is transient (not defined); destroy it instead")
+            dependents = autostart_order.named_by(name, self._autostart_graph())
+            if dependents:
+                raise autostart_order.NamedByOthers(
+                    f"VM {name} cannot be undefined: VM {', '.join(dependents)} autostart"
+                    f"{'s' if len(dependents) == 1 else ''} after it; remove {name!r} from "
+                    f"their autostart_after first"
+                )
             self._cancel_restart(name)
             await asyncio.to_thread(self._definitions.remove, name)
             if self._machines.get(name) is not machine:
@@ -574,6 +641,12 @@ class Supervisor:
             defn = parse_definition(toml_text)
             if defn.name in self._machines:
                 raise MachineExists(f"a VM named {defn.name!r} already exists")
+            autostart_order.check_definition(
+                defn.name,
+                defn.autostart_after,
+                {name: m.definition.autostart_after for name, m in self._machines.items()},
+                "definition",
+            )
             if await self._disk_owner(defn, caller) is None:
                 await asyncio.to_thread(self._owners.set, defn.name, None)
             machine = Machine(defn, self._ctx, transient=True)
@@ -690,6 +763,13 @@ class Supervisor:
                 await asyncio.to_thread(self._owners.set, name, None)
             for name in added:
                 self._machines[name].emit(EventType.DEFINED)
+            errors = [
+                *errors,
+                *(
+                    f"autostart order: {problem}"
+                    for problem in autostart_order.graph_problems(self._autostart_graph())
+                ),
+            ]
             return ReloadReport(sorted(added), sorted(removed), sorted(changed), errors)
 
 

@@ -244,7 +244,7 @@ def test_tap_is_gone_after_every_kind_of_exit(vm: Callable[..., str], reason: st
 @pytest.mark.parametrize(
     ("qemu", "reason"),
     [
-        ("/bin/false", "QEMU exited before its monitor was ready"),
+        ("/bin/false", "failed to start"),
         (str(IMAGES / "nt-not-a-program"), "is not an executable program"),
     ],
 )

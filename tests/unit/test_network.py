@@ -174,6 +174,12 @@ def test_only_bridge_and_tap_nics_need_host_devices() -> None:
     assert network.needs_host_devices(Definition(name="a", nics=(Nic(type="tap", tap="t"),)))
 
 
+def test_only_bridge_nics_make_taps_to_remove_after_the_exit() -> None:
+    assert network.makes_taps(Definition(name="a", nics=(Nic(type="bridge", bridge="b"),)))
+    assert not network.makes_taps(Definition(name="a", nics=(Nic(type="tap", tap="t"),)))
+    assert not network.makes_taps(Definition(name="a", nics=(Nic(type="user"),)))
+
+
 def test_build_argv_puts_the_nics_before_extra_args() -> None:
     defn = Definition(name="a", nics=(Nic(type="bridge", bridge="br0"),), extra_args=("-X",))
     resources = LaunchResources(qmp_socket=Path("/run/a.qmp"), nic_fds={0: 9})
