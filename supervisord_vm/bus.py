@@ -104,6 +104,12 @@ class AccessDeniedError(DbusFailedError):
     dbus_error_name = ERROR_PREFIX + "AccessDenied"
 
 
+class DiskAccessDeniedError(DbusFailedError):
+    """A group member's definition names a disk they may not use (README, "Confinement")."""
+
+    dbus_error_name = ERROR_PREFIX + "DiskAccessDenied"
+
+
 class StartFailedError(DbusFailedError):
     dbus_error_name = ERROR_PREFIX + "StartFailed"
 
@@ -136,7 +142,7 @@ _ERROR_MAP: tuple[tuple[type[Exception], type[DbusFailedError]], ...] = (
     (errors.Busy, BusyError),
     (errors.OperationTimeout, TimeoutError_),
     (errors.InvalidDefinition, InvalidDefinitionError),
-    (errors.DiskAccessDenied, AccessDeniedError),
+    (errors.DiskAccessDenied, DiskAccessDeniedError),
     (errors.StartFailed, StartFailedError),
     (errors.SystemdError, SystemdErrorError),
     (errors.QmpError, QmpErrorError),

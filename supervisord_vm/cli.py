@@ -64,6 +64,7 @@ EXIT_CODES = {
     ERROR_PREFIX + "NoSuchMachine": EXIT_NO_SUCH_MACHINE,
     ERROR_PREFIX + "Timeout": EXIT_TIMEOUT,
     ERROR_PREFIX + "AccessDenied": EXIT_ACCESS_DENIED,
+    ERROR_PREFIX + "DiskAccessDenied": EXIT_ACCESS_DENIED,  # the daemon's words: which rule
     "org.freedesktop.DBus.Error.AccessDenied": EXIT_ACCESS_DENIED,
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": EXIT_ACCESS_DENIED,
 }
