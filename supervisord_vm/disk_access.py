@@ -111,7 +111,7 @@ class OwnerStore:
 
 def writable(disk: Disk) -> bool:
     """Whether QEMU writes to the file itself (snapshot=on writes to a temporary overlay)."""
-    return not (disk.readonly or disk.snapshot or getattr(disk, "media", "disk") == "cdrom")
+    return not (disk.readonly or disk.snapshot or disk.media == "cdrom")
 
 
 def _access_words(write: bool) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import grp
+import json
 import logging
 import os
 import pwd
@@ -32,6 +33,11 @@ from supervisord_vm.errors import (
 from supervisord_vm.model import Caller, Reason, State
 from tests.guests import write_acpi_guest
 from tests.integration.lifecycle_env import WAIT, Env, lifecycle_env, proc_bytes, run_cmd
+from tests.integration.test_service import IMAGES as SERVICE_IMAGES
+from tests.integration.test_service import MEMBER as SERVICE_MEMBER
+from tests.integration.test_service import definition, service, svm
+
+__all__ = ["service"]  # the installed service's fixture (make install), used here too
 
 pytestmark = pytest.mark.integration
 
@@ -192,15 +198,19 @@ def test_runtime_files_are_not_reachable_by_other_users() -> None:
 
 def test_the_qemu_key_never_runs_a_program_as_root() -> None:
     async def body(env: Env) -> None:
+        record = env.base / "uids"
+        record.write_text("")
+        record.chmod(0o666)  # any user may append: the script records who it ran as
         script = env.base / "fake-qemu"
-        script.write_text('#!/bin/sh\necho "uid=$(id -u)" >&2\nexec qemu-system-x86_64 "$@"\n')
+        script.write_text(
+            f'#!/bin/sh\nid -u >> {record}\nexec qemu-system-x86_64 "$@"\n', encoding="utf-8"
+        )
         script.chmod(0o755)
         image = root_only_image(env.base / "img1.img")
         await env.supervisor.create(toml("conf3", image, extra=f'qemu = "{script}"'))
-        log = env.supervisor.log_path("conf3").read_text()
-        uids = {line for line in log.splitlines() if line.startswith("uid=")}
-        # the seccomp probe and the VM itself: both as QEMU's user
-        assert uids == {f"uid={qemu_user().pw_uid}"}, log
+        uids = record.read_text().split()
+        # the seccomp probe (once per binary) and the VM itself: both as QEMU's user
+        assert uids and set(uids) == {str(qemu_user().pw_uid)}, uids
         await env.supervisor.destroy("conf3")
 
     run(body)
@@ -308,3 +318,38 @@ def watch_opens(path: Path) -> Iterator[Callable[[], int]]:
         yield count
     finally:
         os.close(fd)
+
+
+# --- the installed service, over D-Bus ----------------------------------------------------------
+
+
+def test_installed_service_confines_qemu_and_refuses_a_members_root_file(service: None) -> None:
+    """Through svmctl as a group member: the bus's credentials reach the path policy."""
+    request = Path("/run/cf_shadow.toml")
+    request.write_text(definition("cf_shadow", Path("/etc/shadow")))
+    request.chmod(0o644)
+    refused = svm("define", str(request), user=SERVICE_MEMBER)
+    assert refused.returncode == 6, refused.stderr
+    assert "disk /etc/shadow: not in an image directory (/var/lib/supervisord-vm/images)" in (
+        refused.stderr
+    )
+    assert "cannot open it for reading (Permission denied)" in refused.stderr
+    assert svm("status", "cf_shadow").returncode == 4
+
+    image = root_only_image(SERVICE_IMAGES / "cf_root.img")
+    request.write_text(definition("cf_root", image))
+    assert svm("define", str(request), user=SERVICE_MEMBER).returncode == 0
+    try:
+        started = svm("start", "cf_root", user=SERVICE_MEMBER)
+        assert started.returncode == 0, started.stderr
+        pid = int(json.loads(svm("--json", "status", "cf_root").stdout)["pid"])
+        fields = status_fields(pid)
+        assert fields["Uid"].split() == [str(qemu_user().pw_uid)] * 4
+        for caps in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(fields[caps], 16) == 0, (caps, fields[caps])
+        assert fields["NoNewPrivs"] == "1"
+        assert int(fields["Seccomp_filters"]) > own_seccomp_filters()
+    finally:
+        svm("destroy", "--force", "cf_root")
+        svm("undefine", "cf_root")
+        request.unlink(missing_ok=True)

@@ -165,6 +165,7 @@ def test_only_disks_qemu_writes_to_need_write_access() -> None:
     assert disk_access.writable(Disk(path="/a"))
     assert not disk_access.writable(Disk(path="/a", snapshot=True))
     assert not disk_access.writable(Disk(path="/a", readonly=True))
+    assert not disk_access.writable(Disk(path="/a", media="cdrom"))
 
 
 def test_roots_definitions_are_not_checked(tmp_path: Path) -> None:
