@@ -37,6 +37,7 @@ from tests.integration.test_service import (
     CHECKOUT,
     IMAGES,
     definition,
+    gdbus,
     sh,
     status,
     svm,
@@ -307,6 +308,8 @@ def test_missing_bridge_is_a_clear_start_error_that_leaves_nothing(
     result = svm("start", name)
     assert result.returncode == 1
     assert "NIC 1: bridge svmtnobr0 does not exist" in result.stderr
+    called = gdbus("Start", name)  # the error's name on the bus, as a management tool sees it
+    assert "org.supervisordvm1.Error.StartFailed" in called.stderr, called.stderr
     assert link(tap_name(name, 0)) is None  # NIC 0's tap, made before NIC 1 failed
     assert link(tap_name(name, 1)) is None
     info = status(name)
