@@ -21,7 +21,15 @@ from supervisord_vm.errors import InvalidDefinition
 from supervisord_vm.model import EventType, MachineEvent, State
 from tests.integration.lifecycle_env import Env, run_cmd, show
 from tests.integration.test_lifecycle import assert_gone, run
-from tests.integration.test_service import ACPI_IMAGE, definition, service, sh, status, svm
+from tests.integration.test_service import (
+    ACPI_IMAGE,
+    definition,
+    service,
+    sh,
+    status,
+    svm,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 __all__ = ["service"]  # the module fixture of test_service (make install + start)
@@ -287,3 +295,29 @@ def test_status_json_of_a_running_vm_names_every_limit(limited_vm: str) -> None:
     values = json.loads(busctl.stdout)["data"][0]
     assert values["CPUWeight"] == {"type": "t", "data": 200}
     assert "MemoryMax" not in values  # not set: left out
+
+
+def test_installed_daemon_is_ready_before_a_delayed_autostart(service: None) -> None:
+    """READY=1 (systemctl restart returns) comes before autostart, whose delays may be long."""
+    names = ("rsdb", "rsapp")
+    texts = {
+        "rsdb": definition("rsdb", ACPI_IMAGE, autostart="true", autostart_delay="10"),
+        "rsapp": definition("rsapp", ACPI_IMAGE, autostart="true", autostart_after='["rsdb"]'),
+    }
+    try:
+        for name in names:
+            path = Path(f"/run/{name}.toml")
+            path.write_text(texts[name])
+            result = svm("define", str(path))
+            assert result.returncode == 0, result.stderr
+        Path("/var/lib/supervisord-vm/autostart-boot-id").unlink(missing_ok=True)  # a new boot
+        sh("systemctl", "restart", "supervisord-vm.service", check=True)
+        assert status("rsapp")["state"] == "shutoff"  # waiting for rsdb and its 10 s
+        wait_for(lambda: status("rsapp")["state"] == "running", timeout=90, what="rsapp running")
+        assert status("rsdb")["state"] == "running"
+    finally:
+        for name in names:
+            svm("destroy", "--force", name)
+        for name in reversed(names):  # rsdb only once nothing autostarts after it
+            svm("undefine", name)
+            Path(f"/run/{name}.toml").unlink(missing_ok=True)
