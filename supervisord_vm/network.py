@@ -35,6 +35,7 @@ from supervisord_vm import confinement
 from supervisord_vm.confinement import QemuIdentity
 from supervisord_vm.definition import Definition
 from supervisord_vm.definition_devices import Nic, nic_mac
+from supervisord_vm.errors import SvmError
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,12 @@ async def open_nics(defn: Definition, timeout: float = NETLINK_TIMEOUT) -> Opene
 async def discard(vm_name: str, opened: OpenedNics, timeout: float = NETLINK_TIMEOUT) -> None:  # noqa: ASYNC109
     """Undo `open_nics` for a start that did not happen: close the fds, remove the taps made."""
     opened.close_fds()
-    if opened.made:
+    made = list(opened.made)
+    if made:
         try:
             await _bounded(lambda: _discard(vm_name, opened), timeout, "removing taps")
-        except (NetworkError, OSError) as err:
-            log.warning("VM %s: cannot remove taps %s: %s", vm_name, opened.made, err)
+        except NetworkError as err:  # timed out: the thread still removes them when it can
+            log.warning("VM %s: cannot remove taps %s: %s", vm_name, ", ".join(made), err)
 
 
 async def remove_vm_taps(vm_name: str, timeout: float = NETLINK_TIMEOUT) -> list[str]:  # noqa: ASYNC109
@@ -201,8 +203,8 @@ async def remove_vm_taps(vm_name: str, timeout: float = NETLINK_TIMEOUT) -> list
     """
     try:
         return await _bounded(lambda: _remove_vm_taps(vm_name), timeout, "removing taps")
-    except (NetworkError, OSError) as err:
-        log.warning("VM %s: cannot remove its taps: %s", vm_name, err)
+    except Exception as err:  # a cleanup: said, never raised
+        log.warning("VM %s: cannot remove its taps: %s", vm_name, _describe(err))
         return []
 
 
@@ -292,11 +294,9 @@ def _open_nics(defn: Definition) -> OpenedNics:
                     opened.fds[index] = _open_admin_tap(ipr, index, nic)
     except BaseException as err:
         _discard(defn.name, opened)
-        if isinstance(err, NetworkError):
+        if isinstance(err, NetworkError | SvmError) or not isinstance(err, Exception):
             raise
-        if _netlink_errno(err) is not None or isinstance(err, OSError):
-            raise NetworkError(f"cannot set up the network devices: {_describe(err)}") from err
-        raise
+        raise NetworkError(f"cannot set up the network devices: {_describe(err)}") from err
     return opened
 
 
@@ -414,11 +414,18 @@ def _open_admin_tap(ipr: Any, index: int, nic: Nic) -> int:
 
 
 def _discard(vm_name: str, opened: OpenedNics) -> None:
-    """Blocking `discard`: close the fds, remove the taps this start made (worker thread)."""
+    """Blocking `discard`: close the fds, remove the taps this start made (worker thread).
+
+    Never raises: it runs while another error is on its way, or with nobody waiting. A tap it
+    cannot remove is the next start's (it replaces its own) or the next exit cleanup's.
+    """
     opened.close_fds()
     made, opened.made = opened.made, []
-    if made:
-        _remove_owned(vm_name, made)
+    try:
+        if made:
+            _remove_owned(vm_name, made)
+    except Exception as err:
+        log.warning("VM %s: cannot remove taps %s: %s", vm_name, ", ".join(made), _describe(err))
 
 
 # --- removing the taps after an exit -------------------------------------------------------------
