@@ -664,7 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
         "list", "List VMs (running ones; --all for every defined VM).", cmd_list, needs_name=False
     )
     p.add_argument("--all", action="store_true", help="include shut-off VMs")
-    command("status", "Show one VM's state, reason, unit, PID and settings.", cmd_status)
+    command(
+        "status",
+        "Show one VM's state, reason, unit, PID and settings; while it runs, the resource "
+        "limits in force as systemd reports them.",
+        cmd_status,
+    )
     p = command(
         "define",
         "Store a definition file (TOML) in the definitions directory.",
