@@ -78,6 +78,18 @@ def status_fields(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def image_access_modes(pid: int, image: Path) -> set[int]:
+    """The access modes (O_RDONLY, O_RDWR) of the descriptors of `image` that process `pid`
+    holds (the fd set the daemon handed over, and QEMU's dups of it)."""
+    modes: set[int] = set()
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if link.readlink() == image:
+                flags = (Path(f"/proc/{pid}/fdinfo") / link.name).read_text().split("\n")[1]
+                modes.add(int(flags.split()[1], 8) & os.O_ACCMODE)
+    return modes
+
+
 def own_seccomp_filters() -> int:
     return int(status_fields(os.getpid())["Seccomp_filters"])
 
@@ -140,9 +152,10 @@ def test_qemu_runs_unprivileged_without_capabilities_under_seccomp() -> None:
     run(body)
 
 
-def test_root_only_images_boot_raw_and_qcow2_written_and_snapshot() -> None:
+def test_root_only_images_boot_raw_and_qcow2_written_snapshot_and_readonly() -> None:
     """The daemon opens each image and hands QEMU the descriptors: a 0600 root file boots
-    whether QEMU writes to it (read-write and read-only fds in its set) or not."""
+    whether QEMU writes to it (read-write and read-only fds in its set), writes to a temporary
+    overlay (snapshot) or only reads it (readonly)."""
 
     async def body(env: Env) -> None:
         raw = root_only_image(env.base / "rw.img")
@@ -154,15 +167,30 @@ def test_root_only_images_boot_raw_and_qcow2_written_and_snapshot() -> None:
             ("c-raw-snap", raw, True, "raw"),
             ("c-q-rw", qcow2, False, "qcow2"),
             ("c-q-snap", qcow2, True, "qcow2"),
+            ("c-raw-ro", raw, False, "raw"),  # readonly (virtio: SeaBIOS boots it too)
+            ("c-q-ro", qcow2, False, "qcow2"),
         ]
         for name, image, snapshot, fmt in cases:
-            await env.supervisor.create(toml(name, image, snapshot=snapshot, fmt=fmt))
+            text = toml(name, image, snapshot=snapshot, fmt=fmt)
+            if name.endswith("-ro"):
+                text += "readonly = true\n"
+            await env.supervisor.create(text)
             pid = env.supervisor.get_machine(name).pid
             assert int(status_fields(pid)["Uid"].split()[0]) == qemu_user().pw_uid
             argv = proc_bytes(pid, "cmdline").decode().split("\0")
             drive = argv[argv.index("-drive") + 1]
             assert drive.startswith("file=/dev/fdset/"), drive
-            await power_off(env, name)
+            modes = image_access_modes(pid, image)
+            if name.endswith("-ro"):
+                # SeaBIOS does not boot this guest from a read-only virtio disk: proof enough
+                # that QEMU runs with the image, and holds it read-only only.
+                assert env.supervisor.get_machine(name).state is State.RUNNING
+                assert modes == {os.O_RDONLY}, modes
+                await env.supervisor.destroy(name)
+            else:
+                assert os.O_RDONLY in modes
+                assert (os.O_RDWR in modes) == (not snapshot), modes
+                await power_off(env, name)
         assert stat.S_IMODE(raw.stat().st_mode) == 0o600  # nothing was chmod'ed or chown'ed
         assert raw.stat().st_uid == 0
 
