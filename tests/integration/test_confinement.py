@@ -18,12 +18,14 @@ import pwd
 import stat
 import struct
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from supervisord_vm import confinement, daemon
+from supervisord_vm.definition import parse_definition
 from supervisord_vm.errors import (
     DiskAccessDenied,
     NoSuchMachine,
@@ -31,6 +33,9 @@ from supervisord_vm.errors import (
     StartFailed,
 )
 from supervisord_vm.model import Caller, Reason, State
+from supervisord_vm.qemu import build_argv
+from supervisord_vm.store import RuntimeRecord, RuntimeStore
+from supervisord_vm.systemd import ScopeProperties, scope_name, spawn_in_scope
 from tests.guests import write_acpi_guest
 from tests.integration.lifecycle_env import WAIT, Env, lifecycle_env, proc_bytes, run_cmd
 from tests.integration.test_service import IMAGES as SERVICE_IMAGES
@@ -193,6 +198,46 @@ def test_root_only_images_boot_raw_and_qcow2_written_snapshot_and_readonly() -> 
                 await power_off(env, name)
         assert stat.S_IMODE(raw.stat().st_mode) == 0o600  # nothing was chmod'ed or chown'ed
         assert raw.stat().st_uid == 0
+
+    run(body)
+
+
+def test_a_vm_an_older_daemon_started_is_reattached() -> None:
+    """Before confinement, QEMU (as root) made its monitor socket itself at NAME.qmp; the daemon
+    now binds that same path itself, so a new daemon finds either kind where it always did."""
+
+    async def body(env: Env) -> None:
+        image = root_only_image(env.base / "old.img")
+        text = toml("old1", image)
+        defn = parse_definition(text)
+        socket_path = env.paths.runtime_dir / "old1.qmp"
+        await env.supervisor.close()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            process = await spawn_in_scope(
+                env.systemd,
+                build_argv(defn, socket_path),  # the old command line: `-qmp unix:PATH`
+                scope_name("old1"),
+                ScopeProperties(description="an older daemon's VM", stop_timeout=10.0),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                stdout=null,
+                stderr=null,
+            )
+        finally:
+            os.close(null)
+        RuntimeStore(env.paths.runtime_dir).save(
+            RuntimeRecord("old1", process.pid, scope_name("old1"), True, text, time.time())
+        )
+        fresh = await env.new_supervisor()
+        info = fresh.get_machine("old1")
+        assert (info.state, info.pid) == (State.RUNNING, process.pid)
+        assert (
+            socket_path.stat().st_uid == 0 and "-qmp" in proc_bytes(process.pid, "cmdline").decode()
+        )
+        await fresh.pause("old1")  # QMP works
+        await fresh.resume("old1")
+        await fresh.destroy("old1")
+        await process.wait()
 
     run(body)
 
