@@ -340,6 +340,15 @@ def test_member_may_use_images_dir_and_own_files_and_a_later_swap_is_refused(
         own.symlink_to(secret)
         with pytest.raises(StartFailed, match=r"uid \d+ cannot open it for reading and writing"):
             await env.supervisor.start("mine2")
+        assert (env.paths.state_dir / "owners" / "mine2.json").exists()
+
+        # Root edits the file by hand and reloads: the definition, and its disks, are root's now.
+        edited = toml("mine2", own, snapshot=False).replace("stop_timeout = 10", "stop_timeout = 9")
+        (env.paths.definitions_dir / "mine2.toml").write_text(edited)
+        assert (await env.supervisor.reload()).changed == ["mine2"]
+        assert not (env.paths.state_dir / "owners" / "mine2.json").exists()
+        await env.supervisor.start("mine2")
+        await env.supervisor.destroy("mine2")
         for name in ("mine1", "mine2"):
             await env.supervisor.undefine(name)
 
