@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 
+import pytest
+
+from supervisord_vm import cli
 from supervisord_vm.definition import parse_definition
 from supervisord_vm.definition_devices import Resources
 from supervisord_vm.resources import (
@@ -108,3 +113,101 @@ def test_in_force_reads_what_systemd_reports() -> None:
 def test_nothing_set_is_left_out_of_the_bus_answer() -> None:
     found = in_force({"Slice": "machine.slice", "ControlGroup": "", "AllowedCPUs": bytes(8)})
     assert bus_values(found) == {"Slice": ("s", "machine.slice"), "ControlGroup": ("s", "")}
+
+
+# --- svmctl's presentation --------------------------------------------------------------------
+
+
+class FakeClient:
+    """Answers svmctl's two status calls as the daemon would for a running VM."""
+
+    def __init__(self, resources: dict[str, tuple[str, object]], state: str = "running") -> None:
+        self.resources = resources
+        self.state = state
+        self.calls: list[str] = []
+
+    def status(self, name: str) -> dict[str, object]:
+        self.calls.append("GetAll")
+        return {
+            "name": name,
+            "state": self.state,
+            "reason": "",
+            "unit": f"svm-{name}.scope",
+            "pid": 42 if self.state == "running" else 0,
+            "transient": False,
+            "autostart": False,
+            "restart": "no",
+            "stop_timeout": 10,
+            "exit_result": "",
+            "exit_status": -1,
+            "exit_signal": 0,
+            "exit_time": 0.0,
+            "path": f"/org/supervisordvm1/machine/{name}",
+        }
+
+    def call(self, path: str, interface: str, method: str) -> dict[str, tuple[str, object]]:
+        self.calls.append(method)
+        return self.resources
+
+
+def status_output(client: FakeClient, as_json: bool, capsys: pytest.CaptureFixture[str]) -> str:
+    args = argparse.Namespace(name="web1", json=as_json)
+    assert cli.cmd_status(client, args) == 0  # type: ignore[arg-type]
+    return capsys.readouterr().out
+
+
+def test_status_shows_the_limits_in_the_definitions_terms(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = FakeClient(
+        {
+            "Slice": ("s", "tenant-a.slice"),
+            "ControlGroup": ("s", "/tenant.slice/tenant-a.slice/svm-web1.scope"),
+            "CPUWeight": ("t", 333),
+            "CPUQuotaPerSecUSec": ("t", 1_250_000),
+            "MemoryMax": ("t", 1 << 30),
+            "MemoryHigh": ("t", 123_456_789),
+            "TasksMax": ("t", 77),
+            "AllowedCPUs": ("s", "0-1"),
+        }
+    )
+    shown = json.loads(status_output(client, True, capsys))["resources"]
+    assert shown == {
+        "slice": "tenant-a.slice",
+        "control_group": "/tenant.slice/tenant-a.slice/svm-web1.scope",
+        "cpu_weight": 333,
+        "cpu_quota": 125,
+        "memory_high": 123_456_789,
+        "memory_max": 1 << 30,
+        "io_weight": None,
+        "tasks_max": 77,
+        "allowed_cpus": "0-1",
+    }
+    text = status_output(client, False, capsys)
+    for line in (
+        "Slice: tenant-a.slice",
+        "CPU weight: 333",
+        "CPU quota: 125%",
+        "Memory high: 123456789",
+        "Memory max: 1G",
+        "IO weight: -",
+        "Tasks max: 77",
+        "Allowed CPUs: 0-1",
+    ):
+        assert line in text
+
+
+def test_a_fractional_quota_set_by_an_administrator_is_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = FakeClient({"CPUQuotaPerSecUSec": ("t", 125_000)})  # CPUQuota=12.5%
+    assert json.loads(status_output(client, True, capsys))["resources"]["cpu_quota"] == 12.5
+
+
+def test_status_of_a_shut_off_vm_makes_one_call_and_shows_no_limits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = FakeClient({}, state="shutoff")
+    assert json.loads(status_output(client, True, capsys))["resources"] is None
+    assert client.calls == ["GetAll"]
+    assert "CPU weight" not in status_output(client, False, capsys)
