@@ -154,9 +154,6 @@ class Plan:
 
     waits: Mapping[str, frozenset[str]]
 
-    def dependents(self, name: str) -> list[str]:
-        return sorted(other for other, deps in self.waits.items() if name in deps)
-
 
 def plan(graph: Graph, starting: Iterable[str]) -> Plan:
     """The waits of the VMs `starting` from their autostart_after in `graph` (all definitions).
