@@ -110,6 +110,15 @@ def test_scope_shows_every_resource_value_and_its_own_slice() -> None:
             # systemd's DefaultTasksMax is a limit in force although the definition sets none
             assert found.tasks_max is not None
 
+            # A daemon restart finds the VM in its own slice and leaves its limits as they are.
+            pid = env.supervisor.get_machine("rs1").pid
+            await env.supervisor.close()
+            again = await env.new_supervisor()
+            assert (again.get_machine("rs1").state, again.get_machine("rs1").pid) == (
+                State.RUNNING,
+                pid,
+            )
+            assert (await show("svm-rs1.scope", "CPUWeight"))["CPUWeight"] == "200"
             for name in ("rs1", "rs2"):
                 await env.supervisor.destroy(name)
                 await assert_gone(env, name)
