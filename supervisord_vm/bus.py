@@ -15,7 +15,9 @@ import asyncio
 import errno
 import grp
 import logging
+import os
 import pwd
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +38,7 @@ from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
 from supervisord_vm import api, errors, journal
 from supervisord_vm.api import ADMIN_GROUP, ERROR_PREFIX, MANAGER_INTERFACE, MANAGER_PATH
+from supervisord_vm.console import ConsoleUnavailable
 from supervisord_vm.model import Caller, DestroyMode, MachineEvent, MachineInfo
 from supervisord_vm.resources import bus_values
 from supervisord_vm.shutdown_all import shutdown_all
@@ -57,6 +60,7 @@ machine_path = api.machine_path
 # core here would load it into svmctl too): refusals and accepted calls share one catalogue id.
 AUDIT_MESSAGE_ID = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.audit").hex
 LOG_TAIL_LIMIT = 1 << 20  # bytes of QEMU output one GetLog call may return
+CONSOLE_FORCE = 1  # OpenConsoleWithFlags: take the console over (virsh console --force)
 
 T = TypeVar("T")
 
@@ -126,6 +130,12 @@ class FailedError(DbusFailedError):
     dbus_error_name = ERROR_PREFIX + "Failed"
 
 
+class ConsoleUnavailableError(DbusFailedError):
+    """The VM runs but the daemon has no connection to its serial console."""
+
+    dbus_error_name = ERROR_PREFIX + "ConsoleUnavailable"
+
+
 class NoSpaceError(DbusFailedError):
     """The daemon's files could not be written: the file system (or quota) is full."""
 
@@ -146,6 +156,7 @@ _ERROR_MAP: tuple[tuple[type[Exception], type[DbusFailedError]], ...] = (
     (errors.StartFailed, StartFailedError),
     (errors.SystemdError, SystemdErrorError),
     (errors.QmpError, QmpErrorError),
+    (ConsoleUnavailable, ConsoleUnavailableError),
 )
 
 
@@ -770,6 +781,55 @@ class ManagerObject(DbusObjectManagerInterfaceAsync, interface_name=MANAGER_INTE
             return await asyncio.to_thread(self._service.tail_log, name, lines)
 
         return await self._service.change("GetLog", name, tail)
+
+    @dbus_method_async(
+        "s", "h", flags=DbusUnprivilegedFlag, result_args_names=("fd",), method_name="OpenConsole"
+    )
+    async def open_console(self, name: str) -> int:
+        """The VM's serial console as a socket, like machined's OpenMachinePTY: what the guest
+        writes can be read from it, what is written to it the guest reads. One client at a
+        time (Busy while another is attached); privileged."""
+        return await self._open_console(name, 0)
+
+    @dbus_method_async(
+        "st",
+        "h",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("fd",),
+        method_name="OpenConsoleWithFlags",
+    )
+    async def open_console_with_flags(self, name: str, flags: int) -> int:
+        """OpenConsole with flags: 1 = force, disconnect the client attached now (as
+        `virsh console --force`)."""
+        return await self._open_console(name, flags)
+
+    async def _open_console(self, name: str, flags: int) -> int:
+        async def run(caller: Caller) -> socket.socket:
+            if flags & ~CONSOLE_FORCE:
+                raise InvalidArgumentError(f"unknown console flags {flags:#x} (1 = force)")
+            return await self._sup.open_console(name, bool(flags & CONSOLE_FORCE), caller)
+
+        fd = (await self._operation("OpenConsole", name, run)).detach()
+        # sd-bus duplicates the descriptor into the reply, which sdbus builds as soon as this
+        # handler returns, in the same step of its task; the daemon's copy is closed right
+        # after, so the client's end is the only one left and its close reaches the relay.
+        asyncio.get_running_loop().call_soon(os.close, fd)
+        return fd
+
+    @dbus_method_async(
+        "su",
+        "ay",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("output",),
+        method_name="GetConsoleLog",
+    )
+    async def get_console_log(self, name: str, lines: int) -> bytes:
+        """The newest output of the VM's serial console, as the guest wrote it (bytes), its
+        last `lines` lines (0 = all that is kept, at most 1 MiB); also after the VM stopped.
+        Privileged: a console shows what was typed into it."""
+        return await self._service.change(
+            "GetConsoleLog", name, lambda _caller: self._sup.console_log(name, lines)
+        )
 
     @dbus_signal_async(
         "dssss", ("time", "name", "event", "state", "reason"), signal_name="MachineEvent"

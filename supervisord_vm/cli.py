@@ -91,6 +91,9 @@ ACTIONS = {
     "Resume": "resuming VMs",
     "Reload": "reloading definitions",
     "GetLog": "reading a VM's QEMU output",
+    "OpenConsole": "attaching to a VM's console",
+    "OpenConsoleWithFlags": "attaching to a VM's console",
+    "GetConsoleLog": "reading a VM's console output",
 }
 
 STATUS_KEYS = (
@@ -554,6 +557,146 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONSOLE_ESCAPE = b"\x1d"  # Ctrl-], as in virsh console, telnet and systemd-nspawn
+CONSOLE_FORCE = 1  # OpenConsoleWithFlags: take the console over from the client attached now
+# Typed input not yet taken by the daemon (a guest that does not read its serial port): from a
+# terminal, more is dropped (Ctrl-] must still be seen); from a pipe, reading waits instead.
+CONSOLE_INPUT_LIMIT = 64 * 1024
+
+
+def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    if args.log:
+        data = client.manager("GetConsoleLog", "su", args.name, args.lines)
+        if args.json:
+            print(_json({"name": args.name, "log": data.decode("utf-8", "replace")}))
+        elif data:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            print(f"svmctl: no console output recorded for {args.name}", file=sys.stderr)
+        return EXIT_OK
+    if args.json:
+        raise CommandError("--json applies to console --log only", EXIT_USAGE)
+    if not client.bus.unix_fds:
+        raise CommandError("the system bus does not pass file descriptors: cannot attach")
+    if args.force:
+        fd = client.manager("OpenConsoleWithFlags", "st", args.name, CONSOLE_FORCE)
+    else:
+        fd = client.manager("OpenConsole", "s", args.name)
+    client.bus.close()  # the console is the descriptor now
+    return console_session(fd, args.name)
+
+
+def console_session(fd: int, name: str, stdin: int = 0, stdout: int = 1) -> int:
+    """Relay between the terminal and the console socket `fd` (closed on return) until Ctrl-]
+    or the end of standard input (detach) or of the console (the VM stopped, or another client
+    took it over). A terminal is put in raw mode, so every key (Ctrl-C too) goes to the guest,
+    and restored on every way out, signals included."""
+    import signal  # noqa: PLC0415 - start-up time: only the console needs these
+    import termios  # noqa: PLC0415
+
+    def ended_by_signal(signum: int, _frame: object) -> None:
+        raise _ConsoleSignal(signum)
+
+    saved = None
+    previous = {
+        signum: signal.signal(signum, ended_by_signal)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    }
+    try:
+        try:
+            saved = termios.tcgetattr(stdin)
+        except termios.error:
+            saved = None  # not a terminal: a pipe or a file
+        print(f"Connected to {name}; escape character is ^]", file=sys.stderr, flush=True)
+        if saved is not None:
+            import tty  # noqa: PLC0415
+
+            tty.setraw(stdin, termios.TCSANOW)
+        try:
+            closed = _relay(fd, stdin, stdout, from_terminal=saved is not None)
+        except _ConsoleSignal as ended:
+            closed, code = False, 128 + ended.signum
+        else:
+            code = EXIT_OK
+    finally:
+        if saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        import os  # noqa: PLC0415 - loaded already (by wire); named here for the close
+
+        os.close(fd)
+    if closed:
+        print(f"\nsvmctl: the console of {name} was closed", file=sys.stderr)
+    elif saved is not None:
+        print(f"\nDisconnected from {name}", file=sys.stderr)
+    return code
+
+
+class _ConsoleSignal(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _relay(sock: int, stdin: int, stdout: int, *, from_terminal: bool) -> bool:
+    """Copy until detached (False) or the console's end (True)."""
+    import os  # noqa: PLC0415 - loaded already (by wire)
+    import select  # noqa: PLC0415 - a built-in module
+
+    os.set_blocking(sock, False)
+    pending = bytearray()  # typed, not yet taken by the daemon
+    poller = select.poll()
+    stdin_polled = False
+    while True:
+        poller.register(sock, select.POLLIN | (select.POLLOUT if pending else 0))
+        want_input = from_terminal or len(pending) < CONSOLE_INPUT_LIMIT
+        if want_input != stdin_polled:
+            if want_input:
+                poller.register(stdin, select.POLLIN)
+            else:
+                poller.unregister(stdin)
+            stdin_polled = want_input
+        for fd, events in poller.poll():
+            if fd == sock:
+                if events & select.POLLOUT and pending:
+                    with contextlib.suppress(BlockingIOError):
+                        del pending[: os.write(sock, pending)]
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        data = os.read(sock, 65536)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        data = b""
+                    if not data:
+                        return True
+                    _write_all(stdout, data)
+                continue
+            data = os.read(stdin, 4096)
+            escape = data.find(CONSOLE_ESCAPE)
+            if escape >= 0 or not data:
+                pending += data[:escape]
+                # What was typed before the escape goes too, as far as the socket takes it now.
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    os.write(sock, pending)
+                return False
+            if from_terminal:  # beyond the limit, typing into a guest that does not read is lost
+                data = data[: max(CONSOLE_INPUT_LIMIT - len(pending), 0)]
+            pending += data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    import os  # noqa: PLC0415 - loaded already (by wire)
+
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 # --- argument parsing --------------------------------------------------------------------------
 
 
@@ -740,6 +883,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", nargs="?", help="only this VM's events")
     p.add_argument(
         "--follow", "-f", action="store_true", help="keep printing events as they happen"
+    )
+    p = command(
+        "console",
+        "Attach to a VM's serial console (Ctrl-] detaches); --log prints its recent output.",
+        cmd_console,
+    )
+    p.add_argument(
+        "--log",
+        action="store_true",
+        help="print the console's recent output and exit (also of a VM that has stopped)",
+    )
+    p.add_argument(
+        "--lines",
+        "-n",
+        type=_line_count,
+        default=0,
+        metavar="N",
+        help="with --log: only the last N lines (default: all that is kept)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take the console over from the client attached now (it is disconnected)",
     )
     p = command("log", "Show QEMU's own output for a VM.", cmd_log)
     p.add_argument(

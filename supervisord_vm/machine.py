@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from supervisord_vm import confinement, launch, lifecycle, network, qemu_log
+from supervisord_vm.console import ConsoleManager, PreparedConsole
 from supervisord_vm.definition import Definition, definition_to_toml
 from supervisord_vm.disk_access import OwnerStore
 from supervisord_vm.errors import (
@@ -54,7 +55,7 @@ from supervisord_vm.model import (
     Reason,
     State,
 )
-from supervisord_vm.qemu import QmpEvent, QmpSession
+from supervisord_vm.qemu import LaunchResources, QmpEvent, QmpSession
 from supervisord_vm.run import Run, process_ended
 from supervisord_vm.store import Paths, RuntimeRecord, RuntimeStore, StateStore, log_path
 from supervisord_vm.systemd import (
@@ -82,6 +83,7 @@ class MachineContext:
     settle_timeout: float = 5.0  # how long an exit waits for QMP EOF / the unit's final state
     force_timeout: float = 40.0  # libvirt's give-up time for SIGKILL
     log_limit: int = qemu_log.DEFAULT_LIMIT  # bytes of QEMU output kept per log generation
+    consoles: ConsoleManager | None = None  # every VM's serial console (None: no consoles)
 
 
 class Machine:
@@ -276,11 +278,14 @@ class Machine:
         self.reason = Reason.NONE
         self.set_state(State.STARTING, EventType.STARTING)
         socket_path = self.ctx.runtime.qmp_socket(self.name)
+        console: PreparedConsole | None = None
         try:
             await self.clear_scope()
+            resources = LaunchResources(qmp_socket=socket_path)
             # Where QEMU, unprivileged, may create files itself (removed by runtime.remove).
             await asyncio.to_thread(confinement.qemu_runtime_dir, self.ctx.paths, self.name)
             owner = OwnerStore(self.ctx.paths.state_dir).get(self.name)
+            console = self._prepare_console(resources)
             launched = await launch.launch(
                 defn,
                 self.unit,
@@ -289,10 +294,15 @@ class Machine:
                 log_file=log_path(self.ctx.paths, self.name),
                 log_limit=self.ctx.log_limit,
                 slice=self.ctx.slice,
+                resources=resources,
                 owner=owner,
             )
         except (SvmError, launch.LaunchFailed) as err:
+            if console is not None:
+                console.discard()
             await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+        if console is not None and self.ctx.consoles is not None:
+            await self.ctx.consoles.started(self.name, console)
         run = self.new_run(launched.process.pid, launched.process, time.time())
         try:
             self.save_record(run)
@@ -308,6 +318,20 @@ class Machine:
         if self.run is not run:  # it ended right after `cont` and was settled already
             raise StartFailed(f"QEMU for VM {self.name} exited while starting")
         self.set_state(State.RUNNING, EventType.STARTED, f"pid {run.pid}")
+
+    def _prepare_console(self, resources: LaunchResources) -> PreparedConsole | None:
+        """The serial console's listening socket for this start, handed to QEMU as an fd."""
+        if self.ctx.consoles is None:
+            return None
+        try:
+            console = self.ctx.consoles.prepare(self.name)
+        except OSError as err:
+            raise launch.LaunchFailed(
+                f"cannot create its console socket: {launch.os_error(err)}"
+            ) from err
+        resources.console_fd = console.listen_fd
+        resources.pass_fds.append(console.listen_fd)
+        return console
 
     def new_run(
         self, pid: int, process: asyncio.subprocess.Process | None, started_at: float
@@ -730,6 +754,8 @@ class Machine:
         # for one it adopted or settles, the definition may not be what ran: always look.
         if run is None or run.process is None or network.makes_taps(self._running_definition):
             await network.remove_vm_taps(self.name)
+        if self.ctx.consoles is not None:
+            await self.ctx.consoles.release(self.name)  # bounded; its last output logged
         # The exit record, then the event, then the runtime files: a daemon killed before the
         # runtime record is gone leaves it, and the next one finishes this cleanup with the
         # recorded reason and announces the exit (again, at worst, saying it is a replay:
@@ -765,4 +791,6 @@ class Machine:
         if run is None:
             return
         await run.detach()
+        if self.ctx.consoles is not None:
+            await self.ctx.consoles.detach(self.name)
         self.run = None

@@ -101,6 +101,8 @@ async def adopt(
         machine.set_state(State.RUNNING)
         if status == "paused":
             machine.set_state(State.PAUSED)
+        if machine.ctx.consoles is not None:
+            await machine.ctx.consoles.reconnect(machine.name)  # bounded; never raises
         log.info("VM %s: reattached to pid %d", machine.name, pid)
         if run.pending.op is PendingOp.SHUTDOWN and run.qmp is not None:
             try:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisord_vm import autostart_order, disk_access, journal, qemu_log, reattach, resources
+from supervisord_vm.console import TAIL_LIMIT as CONSOLE_TAIL_LIMIT
+from supervisord_vm.console import ConsoleManager, last_lines
 from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import (
@@ -28,6 +31,7 @@ from supervisord_vm.errors import (
     InvalidState,
     MachineExists,
     NoSuchMachine,
+    NotRunning,
     SvmError,
     SystemdError,
 )
@@ -106,6 +110,7 @@ class Supervisor:
         self._state = StateStore(paths.state_dir)
         self._owners = disk_access.OwnerStore(paths.state_dir)
         self._restarts = RestartPolicy(restart_limits or RestartPolicyLimits())
+        self._consoles = ConsoleManager(paths)
         self._ctx = MachineContext(
             paths=paths,
             systemd=systemd,
@@ -117,6 +122,7 @@ class Supervisor:
             qmp_connect_timeout=qmp_connect_timeout,
             qmp_command_timeout=qmp_command_timeout,
             log_limit=log_limit,
+            consoles=self._consoles,
         )
         self._log_bounder = qemu_log.LogBounder(paths.log_dir, log_limit)
         # Every VM by name and by scope unit; changed only through _add and _forget.
@@ -357,6 +363,7 @@ class Supervisor:
             self._unsubscribe_units = None
         for machine in self._machines.values():
             await machine.detach()
+        await self._consoles.close()
         await self._log_bounder.close()
 
     # --- the registry -------------------------------------------------------------------------
@@ -434,6 +441,34 @@ class Supervisor:
         Blocking (file reads): call it in a worker thread. NoSuchMachine as log_path says.
         """
         return qemu_log.read_tail(self.log_path(name), max_bytes)
+
+    async def open_console(
+        self, name: str, force: bool = False, caller: Caller | None = None
+    ) -> socket.socket:
+        """A socket whose peer is VM `name`'s serial console, for one interactive client.
+
+        NotRunning for a shut-off VM; console.ConsoleBusy while another client is attached
+        (unless `force`, which disconnects that one); console.ConsoleUnavailable for a running
+        VM the daemon has no console connection to.
+        """
+        async with self._audit("open-console", name, caller, force=force):
+            machine = self._get(name)
+            if machine.state is State.SHUTOFF:
+                raise NotRunning(f"VM {name} is not running")
+            return await self._consoles.open(name, caller, force)
+
+    async def console_log(self, name: str, lines: int = 0) -> bytes:
+        """The newest output of VM `name`'s serial console (its last `lines` lines; 0: all
+        that is kept, at most console.TAIL_LIMIT bytes), also of a VM that has stopped or is
+        no longer known while its log exists. NoSuchMachine when there is neither."""
+        known = name in self._machines
+        try:
+            has_log = known or await asyncio.to_thread(self._consoles.has_log, name)
+        except InvalidDefinition:  # not a VM name at all
+            has_log = False
+        if not has_log:
+            raise NoSuchMachine(f"no VM named {name!r} and no console log of one")
+        return last_lines(await self._consoles.read_log(name, CONSOLE_TAIL_LIMIT), lines)
 
     def _autostart_graph(self) -> dict[str, tuple[str, ...]]:
         """Every defined VM's autostart_after (transient VMs never autostart)."""

@@ -6,7 +6,8 @@ with its Python layer that was most of svmctl's start-up (about 120 ms of CPU he
 16 ms for Python itself), while every svmctl command is one or two calls. This needs only
 _socket and struct (not even socket.py or typing: they cost start-up time too). Values come
 back as sdbus returns them: arrays as lists, dicts as dicts, structs as tuples, variants as
-(signature, value).
+(signature, value); byte arrays (`ay`) as bytes; a file descriptor (`h`) as the descriptor
+itself, received with the message (SCM_RIGHTS) and then owned by the caller.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
 _PATH, _INTERFACE, _MEMBER, _ERROR_NAME, _REPLY_SERIAL, _DESTINATION, _SENDER, _SIGNATURE = range(
     1, 9
 )
+_UNIX_FDS = 9
 
 # Basic fixed-size types: struct format (also their size and alignment).
 _FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", "t": "Q"}
@@ -35,6 +37,8 @@ _FIXED |= {"d": "d", "h": "I"}
 _ALIGN = {code: struct.calcsize(fmt) for code, fmt in _FIXED.items()}
 _ALIGN |= {"s": 4, "o": 4, "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
 _MAX_MESSAGE = 128 << 20  # the specification's limit on a whole message
+# Room for the descriptors one read may bring: the kernel's limit per message (SCM_MAX_FD).
+_FD_SPACE = _socket.CMSG_SPACE(253 * 4)
 
 
 class BusError(Exception):
@@ -96,6 +100,9 @@ class _Writer:
             inner_type, inner = value
             self.write("g", inner_type)
             self.write(inner_type, inner)
+        elif type_ == "ay" and isinstance(value, bytes | bytearray):
+            self.pad(4)
+            self.data += struct.pack("<I", len(value)) + value
         elif code == "a":
             self.pad(4)
             length_at = len(self.data)
@@ -115,10 +122,11 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes, endian: str) -> None:
+    def __init__(self, data: bytes, endian: str, fds: Sequence[int] = ()) -> None:
         self.data = data
         self.endian = endian
         self.pos = 0
+        self.fds = fds  # the message's descriptors, which `h` values index
 
     def align(self, alignment: int) -> None:
         self.pos += -self.pos % alignment
@@ -129,6 +137,10 @@ class _Reader:
             self.align(_ALIGN[code])
             (value,) = struct.unpack_from(self.endian + _FIXED[code], self.data, self.pos)
             self.pos += _ALIGN[code]
+            if code == "h":
+                if value >= len(self.fds):
+                    raise ValueError(f"file descriptor {value} of {len(self.fds)} is missing")
+                return self.fds[value]
             return bool(value) if code == "b" else value
         if code in "so":
             length = self.read("u")
@@ -143,6 +155,10 @@ class _Reader:
         if code == "v":
             inner_type = self.read("g")
             return (inner_type, self.read(inner_type))
+        if type_ == "ay":
+            length = self.read("u")
+            self.pos += length
+            return bytes(self.data[self.pos - length : self.pos])
         if code == "a":
             length = self.read("u")
             element = type_[1:]
@@ -161,11 +177,25 @@ class _Reader:
 class Message:
     """A received message: its type, header fields and body values."""
 
-    def __init__(self, kind: int, serial: int, fields: dict[int, Any], body: list[Any]) -> None:
+    def __init__(
+        self,
+        kind: int,
+        serial: int,
+        fields: dict[int, Any],
+        body: list[Any],
+        fds: Sequence[int] = (),
+    ) -> None:
         self.kind = kind
         self.serial = serial
         self.fields = fields
         self.body = body
+        self.fds = list(fds)  # descriptors that came with it: the receiver closes them
+
+    def close_fds(self) -> None:
+        """Close the descriptors that came with a message nobody will use."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
     @property
     def path(self) -> str:
@@ -215,18 +245,30 @@ def encode_message(
     return bytes(header.data + body.data)
 
 
-def decode_message(data: bytes) -> Message:
-    """A whole message as read from the bus (either byte order)."""
+def decode_message(data: bytes, fds: Sequence[int] = ()) -> Message:
+    """A whole message as read from the bus (either byte order), with the descriptors that
+    came with it (its UNIX_FDS header says how many): its `h` values are those descriptors."""
     endian = "<" if data[:1] == b"l" else ">"
     kind, _flags, _version, _body_length, serial = struct.unpack_from(endian + "BBBII", data, 1)
     header = _Reader(data, endian)
     header.pos = 12
     fields = dict(header.read("a(yv)"))
     header.align(8)
-    reader = _Reader(data[header.pos :], endian)
+    reader = _Reader(data[header.pos :], endian, fds)
     signature = fields.get(_SIGNATURE, ("g", ""))[1]
     body = [reader.read(type_) for type_ in split_signature(signature)]
-    return Message(kind, serial, {code: value for code, (_, value) in fields.items()}, body)
+    return Message(kind, serial, {code: value for code, (_, value) in fields.items()}, body, fds)
+
+
+def _fd_count(data: bytes) -> int:
+    """How many descriptors a whole message says came with it (its UNIX_FDS header field)."""
+    endian = "<" if data[:1] == b"l" else ">"
+    header = _Reader(data, endian)
+    header.pos = 12
+    for code, (_signature, value) in header.read("a(yv)"):
+        if code == _UNIX_FDS:
+            return int(value)
+    return 0
 
 
 def _socket_address(address: str) -> str | bytes:
@@ -263,6 +305,7 @@ class Connection:
             self._socket.close()
             raise
         self._buffer = bytearray()
+        self._fds: list[int] = []  # descriptors received, not yet taken by their message
         self._serial = 0
         self._queued: list[Message] = []  # signals read while waiting for a reply
         # Hello must be the first message; its reply comes before any other, unread until then.
@@ -275,20 +318,29 @@ class Connection:
         )
 
     def _authenticate(self) -> None:
+        """AUTH EXTERNAL, and NEGOTIATE_UNIX_FD in the same write (as sd-bus does): without it
+        the bus delivers no message carrying a descriptor to us (OpenConsole's reply)."""
         uid = str(os.geteuid()).encode().hex().encode()
-        self._socket.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\n")
-        line = b""
-        while not line.endswith(b"\r\n"):
+        self._socket.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nNEGOTIATE_UNIX_FD\r\n")
+        received = b""
+        while True:  # the OK line, then the answer to NEGOTIATE_UNIX_FD (not after a refusal)
+            first, end, rest = received.partition(b"\r\n")
+            if end and (not first.startswith(b"OK ") or b"\r\n" in rest):
+                break
             chunk = self._socket.recv(256)
             if not chunk:
                 raise BusError(DBUS_ERROR + "Disconnected", "the bus closed the connection")
-            line += chunk
-        if not line.startswith(b"OK "):
-            reply = line.decode(errors="replace").strip()
+            received += chunk
+        if not first.startswith(b"OK "):
+            reply = first.decode(errors="replace").strip()
             raise BusError(DBUS_ERROR + "AuthFailed", f"the bus refused us: {reply}")
+        self.unix_fds = rest.startswith(b"AGREE_UNIX_FD\r\n")
 
     def close(self) -> None:
         self._socket.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
     def __enter__(self) -> Connection:
         return self
@@ -322,12 +374,24 @@ class Connection:
 
     def _read_exactly(self, count: int) -> bytes:
         while len(self._buffer) < count:
-            chunk = self._socket.recv(max(65536, count - len(self._buffer)))
+            chunk = self._recv(max(65536, count - len(self._buffer)))
             if not chunk:
                 raise BusError(DBUS_ERROR + "Disconnected", "the bus closed the connection")
             self._buffer += chunk
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
+        return data
+
+    def _recv(self, size: int) -> bytes:
+        """Read up to `size` bytes, keeping the descriptors that come with them (in order: a
+        message's descriptors arrive with its first bytes, so they are here when it is)."""
+        data, ancillary, flags, _ = self._socket.recvmsg(size, _FD_SPACE, _socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                count = len(payload) // 4
+                self._fds += struct.unpack(f"={count}i", payload[: count * 4])
+        if flags & _socket.MSG_CTRUNC:
+            raise BusError(DBUS_ERROR + "LimitsExceeded", "file descriptors from the bus were lost")
         return data
 
     def _receive(self) -> Message:
@@ -337,7 +401,17 @@ class Connection:
         header_length = 16 + fields_length + (-fields_length % 8)
         if header_length + body_length > _MAX_MESSAGE:
             raise BusError(DBUS_ERROR + "LimitsExceeded", "message from the bus is too large")
-        return decode_message(fixed + self._read_exactly(header_length - 16 + body_length))
+        data = fixed + self._read_exactly(header_length - 16 + body_length)
+        count = _fd_count(data)
+        if count > len(self._fds):
+            raise BusError(DBUS_ERROR + "InconsistentMessage", "file descriptors are missing")
+        fds, self._fds = self._fds[:count], self._fds[count:]
+        try:
+            return decode_message(data, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def call(
         self,
@@ -360,9 +434,13 @@ class Connection:
         while True:
             message = self._receive()
             if message.kind == SIGNAL:
+                message.close_fds()  # no signal this client waits for carries any
                 self._queued.append(message)
-            elif message.fields.get(_REPLY_SERIAL) == serial:
+            elif message.fields.get(_REPLY_SERIAL) != serial:
+                message.close_fds()
+            else:
                 if message.kind == ERROR:
+                    message.close_fds()
                     text = (
                         message.body[0] if message.body and isinstance(message.body[0], str) else ""
                     )
