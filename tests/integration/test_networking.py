@@ -350,6 +350,19 @@ def test_an_interface_under_the_taps_name_made_by_someone_else_is_refused_and_ke
         sh("ip", "-n", NETNS, "link", "delete", foreign)
 
 
+def test_a_tap_left_by_an_earlier_run_of_the_same_vm_is_replaced(vm: Callable[..., str]) -> None:
+    name = vm("nt_stale", bridge_nic())
+    stale = tap_name(name, 0)
+    assert sh("ip", "-n", NETNS, "tuntap", "add", "mode", "tap", "name", stale).returncode == 0
+    marked = sh("ip", "-n", NETNS, "link", "set", stale, "alias", tap_alias(name, 0))
+    assert marked.returncode == 0, marked.stderr
+    assert svm("start", name).returncode == 0
+    assert assert_tap_on_bridge(name) == stale
+    assert stale in taps_held(qemu_pid(name))
+    assert svm("destroy", name).returncode == 0
+    assert link(stale) is None
+
+
 # --- administrators' taps ------------------------------------------------------------------------
 
 
