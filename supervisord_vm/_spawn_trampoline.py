@@ -38,6 +38,9 @@ UNCONFINED = "-"
 # Set to an identifier (qemu-NAME): ARGV's stdout and stderr become journald streams under it,
 # connected from here, inside the scope (see connect_journal_streams). Not passed on to ARGV.
 JOURNAL_STREAM_ENV = "SVM_JOURNAL_STREAM"
+# The scope's name, for the streams' header: journald's fallback for lines it reads only after
+# ARGV exited (a dead process has no cgroup to look up), such as a failed start's last words.
+JOURNAL_UNIT_ENV = "SVM_JOURNAL_UNIT"
 JOURNAL_STREAM_SOCKET = "/run/systemd/journal/stdout"
 # machinectl poweroff sends this to the leader (for a container's init: "power off"). QEMU has
 # no handler, so by default it would die at once, like a pulled plug: it ignores it instead.
@@ -122,7 +125,7 @@ def drop_privileges(creds: str) -> None:
     os.umask(int(umask_text, 8))
 
 
-def connect_journal_streams(identifier: str) -> None:
+def connect_journal_streams(identifier: str, unit: str = "") -> None:
     """Make fds 1 (priority info) and 2 (warning) streams to journald named IDENTIFIER.
 
     Connected here, in the scope, as the user ARGV runs as: journald takes the peer's PID,
@@ -138,7 +141,7 @@ def connect_journal_streams(identifier: str) -> None:
             stream.connect(JOURNAL_STREAM_SOCKET)
             stream.shutdown(_socket.SHUT_RD)
             # identifier, unit, priority, level prefix, to syslog, to kmsg, to console
-            stream.sendall(f"{identifier}\n\n{priority}\n0\n0\n0\n0\n".encode())
+            stream.sendall(f"{identifier}\n{unit}\n{priority}\n0\n0\n0\n0\n".encode())
             os.dup2(stream.fileno(), fd)  # the copy is inheritable
         except OSError:
             pass
@@ -151,6 +154,7 @@ def main() -> None:
     creds = sys.argv[2]
     argv = sys.argv[3:]
     journal_identifier = os.environ.pop(JOURNAL_STREAM_ENV, "")
+    journal_unit = os.environ.pop(JOURNAL_UNIT_ENV, "")
     control_fd = -1 if control == NO_CONTROL else int(control)
     if control_fd >= 0 and os.read(control_fd, 1) != GO:
         os._exit(EXIT_ABANDONED)
@@ -171,7 +175,7 @@ def main() -> None:
     if control_fd >= 0:
         os.set_inheritable(control_fd, False)
     if journal_identifier:
-        connect_journal_streams(journal_identifier)
+        connect_journal_streams(journal_identifier, journal_unit)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

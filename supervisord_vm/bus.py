@@ -361,9 +361,10 @@ class _Service:
         return await _translated(run())
 
     def tail_log(self, name: str, lines: int) -> str:
-        """The end of VM ``name``'s QEMU log. Blocking (a stat and a read of up to
-        LOG_TAIL_LIMIT bytes): call it in a worker thread, never on the event loop."""
-        data = self.supervisor.read_log(name, LOG_TAIL_LIMIT)  # NoSuchMachine: neither
+        """The end of VM ``name``'s QEMU output (the journal's, or its log file's). Blocking
+        (journalctl, or a stat and a read of up to LOG_TAIL_LIMIT bytes): call it in a worker
+        thread, never on the event loop."""
+        data = self.supervisor.read_log(name, LOG_TAIL_LIMIT, lines)  # NoSuchMachine: neither
         text = data.decode("utf-8", "replace")
         if lines:
             text = "".join(text.splitlines(keepends=True)[-lines:])

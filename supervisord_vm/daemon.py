@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -118,6 +119,16 @@ def single_instance(runtime_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def raise_fd_limit() -> None:
+    """Take the soft limit on open files up to the hard one (systemd's default soft limit is
+    1024): each running VM holds three (QMP, pidfd, serial console), so 500 VMs need ~1500.
+    The event loop uses epoll, so descriptors above 1024 are fine (no select())."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def log_resource_counts() -> None:
@@ -468,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.log_level, sys.stderr)
     configure_confinement(args)
+    raise_fd_limit()
     paths = Paths(
         definitions_dir=args.definitions_dir,
         state_dir=args.state_dir,

@@ -20,10 +20,13 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import struct
 import threading
 from dataclasses import dataclass
+
+from supervisord_vm.unitname import scope_name
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "supervisord-vm"
@@ -54,10 +57,34 @@ def entry(message: str, priority: int = logging.INFO, **fields: object) -> bytes
     }.get(priority, 6)
     payload = _field("MESSAGE", message) + _field("PRIORITY", str(syslog_priority))
     payload += _field("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER)
-    for key, value in fields.items():
-        if value is not None:
-            payload += _field(key.upper(), str(value))
+    named = {key.upper(): value for key, value in fields.items() if value is not None}
+    unit = object_unit(named)
+    if unit is not None:
+        named["OBJECT_SYSTEMD_UNIT"] = unit
+    for key, value in named.items():
+        payload += _field(key, str(value))
     return payload
+
+
+# A VM name as definitions allow it (definition.py): only such a name is turned into a unit.
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def object_unit(fields: dict[str, object]) -> str | None:
+    """The VM scope an entry is about (OBJECT_SYSTEMD_UNIT), from VM_UNIT or a valid VM_NAME.
+
+    journald shows entries from root senders that carry it in `journalctl -u UNIT`, so a VM's
+    lifecycle and audit entries sit beside QEMU's own output there. An explicit one stays.
+    """
+    if "OBJECT_SYSTEMD_UNIT" in fields:
+        return None
+    unit = fields.get("VM_UNIT")
+    if isinstance(unit, str) and unit:
+        return unit
+    name = fields.get("VM_NAME")
+    if isinstance(name, str) and _VM_NAME.match(name):
+        return scope_name(name)
+    return None
 
 
 # Entries held while journald's queue is full (net.unix.max_dgram_qlen is only 10 where

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
-from supervisord_vm import confined_launch, network, qemu_log
+from supervisord_vm import confined_launch, network, qemu_journal, qemu_log
 from supervisord_vm.definition import Definition
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import SvmError
@@ -42,9 +42,24 @@ class Launched:
     process: asyncio.subprocess.Process
     log_file: Path
     log_offset: int
+    journal_unit: str | None = None  # QEMU's output went to the journal, from this scope
+    started_at: float = 0.0  # when the launch began (seconds since the epoch)
 
-    def last_output(self, lines: int = 8) -> str:
-        """The last lines QEMU wrote since this start's header (for a failed start's error)."""
+    async def last_output(self, lines: int = 8) -> str:
+        """The last lines QEMU wrote in this start (for a failed start's error): its process's
+        lines in the journal, or the log file's since this start's header."""
+        if self.journal_unit is not None:
+            text = await asyncio.to_thread(
+                qemu_journal.read_output,
+                self.journal_unit,
+                lines=lines,
+                max_bytes=8192,
+                pid=self.process.pid,
+                since=self.started_at,
+                sync=True,  # what a QEMU that just exited wrote may not be stored yet
+                with_prefix=False,
+            )
+            return "\n".join(text.strip().splitlines()[-lines:])
         try:
             data = qemu_log.read_since(self.log_file, self.log_offset, 8192)
         except OSError:
@@ -70,8 +85,11 @@ async def launch(
     slice: str,
     resources: LaunchResources | None = None,
     owner: Credentials | None = None,
+    journal_stream: Path | None = qemu_journal.STREAM_SOCKET,
 ) -> Launched:
-    """Spawn QEMU inside a new scope `unit`, its output appended to `log_file`.
+    """Spawn QEMU inside a new scope `unit`, its output sent to the journal from inside the
+    scope (qemu_journal.py) if `journal_stream` (journald's stream socket) is there, else
+    appended to `log_file`.
 
     Raises LaunchFailed (or the SvmError of the scope's creation); a log file this call created
     is removed again then, since QEMU never ran, and so are the taps it made for bridge NICs.
@@ -79,6 +97,7 @@ async def launch(
     policy says so (None: root's definition), monitor socket bound by the daemon.
     """
     log_created = False
+    started_at = time.time()
     confined: confined_launch.ConfinedLaunch | None = None
     nics = network.OpenedNics()
     try:
@@ -90,14 +109,20 @@ async def launch(
             resources.pass_fds += nics.fds.values()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
         header = f"--- {stamp}: supervisord-vm starts VM {defn.name} ({unit}) ---\n"
+        to_journal = journal_stream is not None and await asyncio.to_thread(
+            qemu_journal.stream_available, journal_stream
+        )
         log_fd, log_created, log_offset = await asyncio.to_thread(
-            _prepare_files, socket_path, log_file, log_limit, header
+            _prepare_files, socket_path, None if to_journal else log_file, log_limit, header
         )
         try:
             if resources is None:
                 resources = LaunchResources(qmp_socket=socket_path)
             confined = await confined_launch.prepare(defn, resources, socket_path, owner)
             env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
+            if to_journal:  # the trampoline opens the streams once it is in the scope
+                env[qemu_journal.STREAM_ENV] = qemu_journal.identifier(defn.name)
+                env[qemu_journal.UNIT_ENV] = unit
             props = ScopeProperties(
                 description=f"QEMU virtual machine {defn.name} (supervisord-vm)",
                 stop_timeout=float(defn.stop_timeout),
@@ -138,17 +163,30 @@ async def launch(
             user = confined.identity.user if confined and confined.identity else None
             raise LaunchFailed(exec_problem(defn.qemu, err, user)) from err
         raise LaunchFailed(os_error(err)) from err
-    return Launched(process, log_file, log_offset)
+    return Launched(
+        process,
+        log_file,
+        log_offset,
+        journal_unit=unit if to_journal else None,
+        started_at=started_at,
+    )
 
 
 def _prepare_files(
-    socket_path: Path, log_file: Path, log_limit: int, header: str
+    socket_path: Path, log_file: Path | None, log_limit: int, header: str
 ) -> tuple[int, bool, int]:
     """Clear a stale monitor socket; open the log (rotated if over the limit), write the header.
 
     Returns the log's fd, whether it was created now, and where this start's output begins.
+    Without `log_file` (QEMU's output goes to the journal): the daemon's own stderr instead,
+    QEMU's only if the trampoline cannot open its journal streams (journald restarting).
     """
     socket_path.unlink(missing_ok=True)
+    if log_file is None:
+        try:
+            return os.dup(2), False, 0
+        except OSError:
+            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), False, 0
     log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     log_fd, created = qemu_log.open_log(log_file, log_limit)
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from supervisord_vm import confinement, launch, lifecycle, network, qemu_log
+from supervisord_vm import confinement, launch, lifecycle, network, qemu_journal, qemu_log
 from supervisord_vm.console import ConsoleManager, PreparedConsole
 from supervisord_vm.definition import Definition, definition_to_toml
 from supervisord_vm.disk_access import OwnerStore
@@ -46,6 +46,7 @@ from supervisord_vm.lifecycle import (
     check_transition,
     classify_exit,
 )
+from supervisord_vm.machined import Machined
 from supervisord_vm.model import (
     DestroyMode,
     EventType,
@@ -84,6 +85,13 @@ class MachineContext:
     force_timeout: float = 40.0  # libvirt's give-up time for SIGKILL
     log_limit: int = qemu_log.DEFAULT_LIMIT  # bytes of QEMU output kept per log generation
     consoles: ConsoleManager | None = None  # every VM's serial console (None: no consoles)
+    machined: Machined | None = None  # registers running VMs (None: one made over `systemd`)
+    # QEMU's output goes to the journal through this socket if it is there, else to log files.
+    journal_stream: Path | None = qemu_journal.STREAM_SOCKET
+
+    def __post_init__(self) -> None:
+        if self.machined is None:
+            self.machined = Machined(self.systemd)
 
 
 class Machine:
@@ -296,6 +304,7 @@ class Machine:
                 slice=self.ctx.slice,
                 resources=resources,
                 owner=owner,
+                journal_stream=self.ctx.journal_stream,
             )
         except (SvmError, launch.LaunchFailed) as err:
             if console is not None:
@@ -312,12 +321,19 @@ class Machine:
         except (SvmError, OSError) as err:
             run.start_failed = True
             await self._abort_run(run)
-            tail = launched.last_output()
+            tail = await launched.last_output()
             detail = f"\nQEMU's last output:\n{tail}" if tail else ""
             raise StartFailed(f"QEMU for VM {self.name} failed to start: {err}{detail}") from err
         if self.run is not run:  # it ended right after `cont` and was settled already
             raise StartFailed(f"QEMU for VM {self.name} exited while starting")
+        await self.register_machine(run)
         self.set_state(State.RUNNING, EventType.STARTED, f"pid {run.pid}")
+
+    async def register_machine(self, run: Run) -> None:
+        """Have machined list the run (class vm, QEMU as leader, in its own scope): bounded,
+        and it never fails the VM (machined.py says why it did not happen, once)."""
+        if self.ctx.machined is not None and self.run is run:
+            await self.ctx.machined.register(self.name, self.unit, run.pid)
 
     def _prepare_console(self, resources: LaunchResources) -> PreparedConsole | None:
         """The serial console's listening socket for this start, handed to QEMU as an fd."""

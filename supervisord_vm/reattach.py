@@ -104,6 +104,7 @@ async def adopt(
         if machine.ctx.consoles is not None:
             await machine.ctx.consoles.reconnect(machine.name)  # bounded; never raises
         log.info("VM %s: reattached to pid %d", machine.name, pid)
+        await machine.register_machine(run)  # machined may have lost it meanwhile (restarted)
         if run.pending.op is PendingOp.SHUTDOWN and run.qmp is not None:
             try:
                 await run.qmp.execute("system_powerdown")

@@ -21,10 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisord_vm import autostart_order, disk_access, journal, qemu_log, reattach, resources
+from supervisord_vm import (
+    autostart_order,
+    disk_access,
+    firmware,
+    journal,
+    qemu_journal,
+    qemu_log,
+    reattach,
+    resources,
+)
 from supervisord_vm.console import TAIL_LIMIT as CONSOLE_TAIL_LIMIT
 from supervisord_vm.console import ConsoleManager, last_lines
-from supervisord_vm.definition import Definition, definition_to_toml, parse_definition
+from supervisord_vm.definition import (
+    Definition,
+    definition_to_toml,
+    parse_definition,
+    validate_name,
+)
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.errors import (
     InvalidDefinition,
@@ -58,7 +72,7 @@ from supervisord_vm.store import (
 from supervisord_vm.store import (
     log_path as store_log_path,
 )
-from supervisord_vm.systemd import Systemd, UnitEvent, UnitStatus
+from supervisord_vm.systemd import Systemd, UnitEvent, UnitStatus, scope_name
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +189,10 @@ class Supervisor:
         for problem in autostart_order.graph_problems(self._autostart_graph()):
             log.error("autostart order: %s", problem)
         await self._reattach()
+        # Stores of VMs undefined while no daemon ran (a definition file deleted by hand).
+        kept = set(self._machines) | self._broken_on_disk
+        for path in await asyncio.to_thread(firmware.remove_stale_nvram, self.paths, kept):
+            log.info("removed %s: no VM %s any more", path, path.name.removesuffix("_VARS.fd"))
         if autostart:
             await self._autostart()
 
@@ -381,6 +399,10 @@ class Supervisor:
             del self._by_unit[machine.unit]
         self._recent_by_vm.pop(name, None)
         self._registry_changed(name)
+        try:  # undefined, or a transient VM's run is over: its UEFI variables go with it
+            firmware.remove_nvram(self.paths, name)
+        except OSError as err:
+            log.warning("VM %s: cannot remove its UEFI variables store: %s", name, err)
 
     def watch_registry(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(name)`` whenever VM ``name`` is added or forgotten, or its definition
@@ -435,11 +457,20 @@ class Supervisor:
             raise NoSuchMachine(f"no VM named {name!r} and no log of one")
         return path
 
-    def read_log(self, name: str, max_bytes: int) -> bytes:
-        """The last `max_bytes` of QEMU's output for VM `name`, across a rotation.
+    def read_log(self, name: str, max_bytes: int, lines: int = 0) -> bytes:
+        """The newest of QEMU's output for VM `name`: its `lines` newest lines in the journal
+        (0: up to qemu_journal.LINES_MAX), at most `max_bytes`; where the journal has none
+        (journald missing, now or when it ran), the last `max_bytes` of its log files.
 
-        Blocking (file reads): call it in a worker thread. NoSuchMachine as log_path says.
+        Blocking (journalctl, file reads): call it in a worker thread. NoSuchMachine as
+        log_path says.
         """
+        if self._ctx.journal_stream is not None:
+            with contextlib.suppress(InvalidDefinition):  # not a VM name: NoSuchMachine below
+                unit = scope_name(validate_name(name))
+                text = qemu_journal.read_output(unit, lines=lines, max_bytes=max_bytes)
+                if text:
+                    return text.encode("utf-8", "replace")[-max_bytes:]
         return qemu_log.read_tail(self.log_path(name), max_bytes)
 
     async def open_console(

@@ -56,7 +56,7 @@ class RecordingSupervisor:
             raise errors.NoSuchMachine(f"no VM named {name!r} and no log of one")
         return self.log_file
 
-    def read_log(self, name: str, max_bytes: int) -> bytes:
+    def read_log(self, name: str, max_bytes: int, lines: int = 0) -> bytes:
         return self.log_path(name).read_bytes()[-max_bytes:]
 
     def list_machines(self) -> list[object]:

@@ -95,6 +95,7 @@ def test_entry_arrives_with_its_fields(journald: socket.socket) -> None:
         "SYSLOG_IDENTIFIER": "supervisord-vm",
         "VM_NAME": "acc",
         "VM_PID": "42",
+        "OBJECT_SYSTEMD_UNIT": "svm-acc.scope",  # `journalctl -u svm-acc.scope` shows it
     }
 
 
@@ -188,3 +189,11 @@ def test_missing_journal_socket_falls_back_to_logging(
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "nobody listens")
     ]
+
+
+def test_object_unit_names_the_vm_scope_from_vm_unit_or_a_valid_vm_name() -> None:
+    assert journal.object_unit({"VM_UNIT": "svm-a\\x2db.scope"}) == "svm-a\\x2db.scope"
+    assert journal.object_unit({"VM_NAME": "acc-a"}) == "svm-acc\\x2da.scope"
+    assert journal.object_unit({"VM_NAME": "../etc"}) is None  # not a VM name: no unit
+    assert journal.object_unit({"VM_NAME": "a", "OBJECT_SYSTEMD_UNIT": "x.service"}) is None
+    assert journal.object_unit({"VM_OPERATION": "define"}) is None
