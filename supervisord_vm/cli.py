@@ -565,6 +565,10 @@ CONSOLE_INPUT_LIMIT = 64 * 1024
 
 
 def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    if args.log and args.force:
+        raise CommandError("--force applies to attaching, not to --log", EXIT_USAGE)
+    if args.lines and not args.log:
+        raise CommandError("--lines applies to --log only", EXIT_USAGE)
     if args.log:
         data = client.manager("GetConsoleLog", "su", args.name, args.lines)
         if args.json:

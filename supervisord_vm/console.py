@@ -197,6 +197,7 @@ class LogWriter:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._hurry = asyncio.Event()  # someone waits for the log: no FLUSH_DELAY
         self.failed = False
 
     def schedule(self) -> None:
@@ -209,7 +210,8 @@ class LogWriter:
 
     async def _drain(self) -> None:
         try:
-            await asyncio.sleep(FLUSH_DELAY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), FLUSH_DELAY)
             while self._position < self._scrollback.total:
                 data, skipped = self._scrollback.since(self._position)
                 self._position = self._scrollback.total
@@ -226,10 +228,12 @@ class LogWriter:
                     self.failed = False
         finally:
             self._task = None
+            self._hurry.clear()
             self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a deadline
         """Wait (bounded) until everything recorded so far is on disk; False if it is not."""
+        self._hurry.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while self._position < self._scrollback.total or self._task is not None:
@@ -243,8 +247,13 @@ class LogWriter:
 class _QemuSide(asyncio.Protocol):
     """The daemon's connection to QEMU's serial chardev."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, note: str) -> None:
         self._console = console
+        self._note = note
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._note:  # before any output this connection brings
+            self._console.note(self._note)
 
     def data_received(self, data: bytes) -> None:
         self._console.output(data)
@@ -334,15 +343,20 @@ class Console:
         self._closed = asyncio.Event()
         self._last_byte = b"\n"
 
-    async def connect(self, sock: socket.socket | None = None, path: Path | None = None) -> None:
-        """Take over `sock` (connected already) or connect to `path`, bounded."""
+    async def connect(
+        self, sock: socket.socket | None = None, path: Path | None = None, note: str = ""
+    ) -> None:
+        """Take over `sock` (connected already) or connect to `path`, bounded; `note` goes to
+        the log once connected, before what the connection brings."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(CONNECT_TIMEOUT):
             if sock is not None:
-                transport, _ = await loop.create_unix_connection(lambda: _QemuSide(self), sock=sock)
+                transport, _ = await loop.create_unix_connection(
+                    lambda: _QemuSide(self, note), sock=sock
+                )
             else:
                 transport, _ = await loop.create_unix_connection(
-                    lambda: _QemuSide(self), path=str(path)
+                    lambda: _QemuSide(self, note), path=str(path)
                 )
         transport.set_write_buffer_limits(high=QEMU_INPUT_LIMIT)
         self._qemu = transport
@@ -511,30 +525,27 @@ class ConsoleManager:
         prepared.close_listener()
         console = Console(name, log_path(self.paths, name), self.log_limit)
         try:
-            await console.connect(sock=prepared.connection)
+            await console.connect(sock=prepared.connection, note=f"{_now()}: VM {name} started")
         except (OSError, TimeoutError) as err:
             prepared.connection.close()
             log.warning("VM %s: runs without a serial console: %s", name, err)
             return
         await self._replace(name, console)
-        console.note(f"{_now()}: VM {name} started")
 
     async def reconnect(self, name: str) -> None:
         """After a daemon restart: connect to a running VM's console again. Never raises."""
         path = socket_path(self.paths, name)
-        console = Console(name, log_path(self.paths, name), self.log_limit)
-        try:
-            await console.connect(path=path)
-        except FileNotFoundError:
+        if not path.exists():
             log.info("VM %s has no serial console (started before consoles existed)", name)
             return
+        console = Console(name, log_path(self.paths, name), self.log_limit)
+        note = f"{_now()}: supervisord-vm reconnected; output since it last let go is not recorded"
+        try:
+            await console.connect(path=path, note=note)
         except (OSError, TimeoutError) as err:
             log.warning("VM %s: cannot reconnect to its serial console: %s", name, err)
             return
         await self._replace(name, console)
-        console.note(
-            f"{_now()}: supervisord-vm reconnected; output since it last let go is not recorded"
-        )
 
     async def _replace(self, name: str, console: Console) -> None:
         old = self._consoles.pop(name, None)

@@ -14,7 +14,7 @@ import termios
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -265,3 +265,18 @@ def test_a_terminal_is_raw_while_attached_and_restored_after(
         os.close(master)
         os.close(slave)
         daemon.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["console", "--log", "--force", "vm"],
+        ["console", "--lines", "3", "vm"],
+        ["--json", "console", "vm"],
+    ],
+)
+def test_console_options_that_do_not_go_together_are_usage_errors(argv: list[str]) -> None:
+    args = cli.build_parser().parse_args(argv)
+    with pytest.raises(cli.CommandError) as refused:
+        cli.cmd_console(cast(cli.Client, None), args)  # refused before any call
+    assert refused.value.code == cli.EXIT_USAGE
