@@ -272,6 +272,7 @@ class Supervisor:
                     await self._systemd.stop_unit(record.unit)
                     await self._systemd.reset_failed(record.unit)
                 self._runtime.remove(record.name)
+                await self._consoles.release(record.name)  # its socket; nothing connected
                 return
             defined = record.name in self._broken_on_disk
             if defined:
