@@ -5,15 +5,20 @@ QEMU's own output, written from inside the scope), read back by svmctl log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from supervisord_vm import qemu_journal
 from supervisord_vm.machined import machine_uuid
+from supervisord_vm.model import State
 from tests.guests import write_debugcon_guest
+from tests.integration.lifecycle_env import lifecycle_env
 from tests.integration.test_service import (
     ACPI_IMAGE,
     DEAF_IMAGE,
@@ -235,3 +240,59 @@ def test_failed_start_quotes_qemus_output_from_the_journal(vm: Callable[..., str
     assert "-frobnicate: invalid option" in result.stderr
     assert not Path(f"/var/log/supervisord-vm/{name}.log").exists()  # no log file any more
     assert "-frobnicate" in svm("log", name).stdout
+
+
+# --- without journald's stream socket, without machined (a Supervisor in this process) -----------
+
+
+async def test_without_journald_qemus_output_goes_to_its_log_file(tmp_path: Path) -> None:
+    async with lifecycle_env() as env:
+        image = env.images / "debugcon.img"
+        write_debugcon_guest(image, f"{GUEST_MESSAGE}-file\n".encode())
+        # As on a host whose journald's stream socket is missing (MachineContext's switch).
+        env.supervisor._ctx.journal_stream = None
+        extra = f"extra_args = {DEBUGCON_ARGS}"
+        await env.supervisor.define(env.toml("mjfile", extra=extra, disk=str(image)))
+        await env.supervisor.start("mjfile")
+        log_file = env.paths.log_dir / "mjfile.log"
+
+        def written() -> bool:
+            return f"{GUEST_MESSAGE}-file" in log_file.read_text(errors="replace")
+
+        async with asyncio.timeout(60):
+            while not written():  # noqa: ASYNC110 - the guest boots through SeaBIOS first
+                await asyncio.sleep(0.1)
+        text = env.supervisor.read_log("mjfile", 1 << 20).decode()
+        assert f"{GUEST_MESSAGE}-file" in text
+        assert not entries(f"SYSLOG_IDENTIFIER={qemu_journal.identifier('mjfile')}")
+        await env.supervisor.destroy("mjfile")
+        await env.supervisor.undefine("mjfile")
+
+
+@pytest.fixture
+def no_machined() -> Iterator[None]:
+    """machined masked and stopped, as on a host without systemd-container; back afterwards."""
+    sh("systemctl", "mask", "--runtime", "systemd-machined.service", check=True)
+    sh("systemctl", "stop", "systemd-machined.service", check=True)
+    try:
+        yield
+    finally:
+        sh("systemctl", "unmask", "--runtime", "systemd-machined.service")
+        sh("systemctl", "start", "systemd-machined.service")
+
+
+async def test_without_machined_vms_run_and_the_daemon_says_so_once(
+    no_machined: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="supervisord_vm.machined")
+    async with lifecycle_env() as env:
+        for name in ("mjnomd1", "mjnomd2"):
+            await env.supervisor.define(env.toml(name))
+            await env.supervisor.start(name)
+            assert env.supervisor.get_machine(name).state is State.RUNNING
+        said = [r.getMessage() for r in caplog.records if r.name == "supervisord_vm.machined"]
+        assert len(said) == 1, said
+        assert "not available on this host" in said[0]
+        for name in ("mjnomd1", "mjnomd2"):
+            await env.supervisor.destroy(name)
+            await env.supervisor.undefine(name)
