@@ -911,14 +911,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the console over from the client attached now (it is disconnected)",
     )
-    p = command("log", "Show QEMU's own output for a VM.", cmd_log)
+    p = command(
+        "log",
+        "Show QEMU's own output for a VM, from the journal (`journalctl -u svm-NAME.scope` "
+        "shows it with the VM's lifecycle entries).",
+        cmd_log,
+    )
     p.add_argument(
         "--lines",
         "-n",
         type=_line_count,
         default=0,
         metavar="N",
-        help="only the last N lines (default: all that is kept)",
+        help="only the last N lines (default: all that is kept, at most 5000 from the journal)",
     )
     command(
         "reload",
