@@ -58,6 +58,7 @@ QEMU_INPUT_LIMIT = 64 * 1024
 FLUSH_DELAY = 0.05
 CONNECT_TIMEOUT = 5.0  # reconnecting after a daemon restart (QEMU accepts in its main loop)
 SETTLE_TIMEOUT = 2.0  # at an exit: for QEMU's end of the socket to close, for the log to be written
+DISCONNECT_GRACE = 5.0  # a disconnected client gets this long to read its last output
 
 
 class ConsoleBusy(Busy):
@@ -328,6 +329,8 @@ class _Client(asyncio.Protocol):
         if note:
             transport.write(f"\r\n[supervisord-vm: {note}]\r\n".encode())
         transport.close()
+        # A client that never reads would keep its queued output, and its socket, forever.
+        asyncio.get_running_loop().call_later(DISCONNECT_GRACE, transport.abort)
 
 
 class Console:
@@ -454,7 +457,7 @@ class Console:
         if self._client is not None:
             self._client.disconnect()
         if self._qemu is not None:
-            self._qemu.close()
+            self._qemu.abort()  # input a guest has not read goes: it may never read it
         self._closed.set()
         if not await self.log.wait_idle(SETTLE_TIMEOUT):
             log.warning(

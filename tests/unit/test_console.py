@@ -375,3 +375,27 @@ async def test_a_failed_start_leaves_no_socket(manager: ConsoleManager) -> None:
     prepared = manager.prepare("vm")
     prepared.discard()
     assert not prepared.path.exists()
+
+
+async def test_a_taken_over_client_that_never_reads_is_cut_off(
+    manager: ConsoleManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "DISCONNECT_GRACE", 0.1)
+    serial = await start_console(manager)
+    first = await manager.open("vm", None, force=False)  # never read
+    state = manager._consoles["vm"]
+    daemon_end = state._client
+    assert daemon_end is not None and daemon_end.transport is not None
+    for _ in range(256):  # more than the kernel buffers: the daemon's end queues output
+        serial.writer.write(b"z" * 4095 + b"\n")
+        await serial.writer.drain()
+    await recorded(manager, "vm", 256 * 4096)
+    assert daemon_end.transport.get_write_buffer_size() > 0
+    second = await manager.open("vm", None, force=True)
+    sock = daemon_end.transport.get_extra_info("socket")
+    async with asyncio.timeout(WAIT):  # its socket is closed although output is still queued
+        while sock.fileno() != -1:  # noqa: ASYNC110 - a descriptor, no event
+            await asyncio.sleep(0.02)
+    first.close()
+    second.close()
+    serial.writer.close()
