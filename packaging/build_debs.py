@@ -201,17 +201,45 @@ def fetch_sdist(sdist: Sdist, cache: Path) -> Path:
     return path
 
 
+def recipe_key(dep_dir: Path) -> str:
+    """A digest of everything a dependency's build reads from the checkout (sdist line, debian/)."""
+    digest = hashlib.sha256()
+    for path in sorted(dep_dir.rglob("*")):
+        if path.is_file() or path.is_symlink():
+            digest.update(str(path.relative_to(dep_dir)).encode() + b"\0")
+            digest.update(
+                path.readlink().as_posix().encode() if path.is_symlink() else path.read_bytes()
+            )
+    return digest.hexdigest()[:16]
+
+
 def build_dependency(dep_dir: Path, work: Path, out: Path, logs: Path) -> list[Path]:
-    sdist = read_sdist(dep_dir)
-    tarball = fetch_sdist(sdist, work / "sdists")
-    source_root = work / "src" / dep_dir.name
-    if source_root.exists():
-        shutil.rmtree(source_root)
-    source_root.mkdir(parents=True)
-    shutil.unpack_archive(tarball, source_root)
-    (unpacked,) = [path for path in source_root.iterdir() if path.is_dir()]
-    shutil.copytree(dep_dir / "debian", unpacked / "debian", symlinks=True)
-    return build_package(unpacked, out, logs)
+    """Build one dependency, or reuse its last build if its recipe has not changed since.
+
+    The libraries change far less often than supervisord-vm: a rebuild of the package (and the
+    upgrade build of the tests) then takes seconds, not the minute sdbus's C build takes.
+    """
+    cache = work / "cache" / f"{dep_dir.name}-{recipe_key(dep_dir)}"
+    if not any(cache.glob("*.deb")):
+        sdist = read_sdist(dep_dir)
+        tarball = fetch_sdist(sdist, work / "sdists")
+        source_root = work / "src" / dep_dir.name
+        if source_root.exists():
+            shutil.rmtree(source_root)
+        source_root.mkdir(parents=True)
+        shutil.unpack_archive(tarball, source_root)
+        (unpacked,) = [path for path in source_root.iterdir() if path.is_dir()]
+        shutil.copytree(dep_dir / "debian", unpacked / "debian", symlinks=True)
+        for stale in cache.parent.glob(f"{dep_dir.name}-*"):
+            shutil.rmtree(stale)
+        cache.mkdir(parents=True)
+        build_package(unpacked, cache, logs)
+    debs = []
+    for built in cache.iterdir():
+        shutil.copy2(built, out / built.name)
+        if built.suffix == ".deb":
+            debs.append(out / built.name)
+    return debs
 
 
 def lintian(changes: Sequence[Path], report: Path) -> str:
@@ -327,11 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_main:
             for dep_dir in sorted(path for path in DEPS_DIR.iterdir() if path.is_dir()):
                 debs += build_dependency(dep_dir, work, out, logs)
+                print(
+                    f"build-debs: {dep_dir.name} at {time.monotonic() - started:.0f} s", flush=True
+                )
         source_tree = work / "src" / "supervisord-vm"
         copy_tree(CHECKOUT, source_files(CHECKOUT), source_tree)
         if args.version:
             set_version(source_tree, args.version)
         debs += build_package(source_tree, out, logs)
+        print(f"build-debs: supervisord-vm at {time.monotonic() - started:.0f} s", flush=True)
         if not args.no_lintian:
             report = lintian(sorted(out.glob("*.changes")), work / "lintian.txt")
             print(report.strip() or "lintian: no tags", flush=True)
