@@ -419,6 +419,7 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
             "ExitStatus": ("i", -1 if info.exit.exit_status is None else info.exit.exit_status),
             "ExitSignal": ("i", info.exit.exit_signal or 0),
             "ExitTime": ("d", info.exit.time),
+            "Display": ("s", info.display),
         }
 
     def update(self, info: MachineInfo) -> None:
@@ -485,6 +486,12 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
     @dbus_property_async("d", flags=_EMITS, property_name="ExitTime")
     def exit_time(self) -> float:
         return self._info.exit.time
+
+    @dbus_property_async("s", flags=_EMITS, property_name="Display")
+    def display(self) -> str:
+        """How to reach the running VM's display: vnc+unix:///PATH or vnc://HOST:PORT; "" when
+        it has none or is not running."""
+        return self._info.display
 
     # Convenience methods: the same operations as the Manager's, on this VM.
     @dbus_method_async(flags=DbusUnprivilegedFlag, method_name="Start", result_args_names=())

@@ -239,6 +239,7 @@ class Client:
 
 def _status_of(path: str, props: dict[str, Any]) -> dict[str, Any]:
     status: dict[str, Any] = {key: props[prop][1] for key, prop in _PROPERTY_OF_KEY.items()}
+    status["display"] = props.get("Display", ("s", ""))[1]  # a daemon older than svmctl: none
     status["path"] = path
     return status
 
@@ -335,6 +336,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         shown = {key: status[key] for key in STATUS_KEYS}
         if "resources" in status:
             shown["resources"] = status["resources"]
+        if "display" in status:
+            shown["display"] = status["display"]
         print(_json(shown))
         return
     exit_parts = [status["exit_result"] or ""]
@@ -356,6 +359,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         ("Last exit", " ".join(p for p in exit_parts if p) or "-"),
         ("Exited at", _when(status["exit_time"])),
     ]
+    if status.get("display"):
+        lines.append(("Display", status["display"]))
     found = status.get("resources")
     if isinstance(found, dict):
         lines += _resource_lines(found)
@@ -406,6 +411,51 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             status["resources"] = _resources_of(found) if found else None
     _print_status(status, args.json)
     return EXIT_OK
+
+
+def cmd_display(client: Client, args: argparse.Namespace) -> int:
+    status = client.status(args.name)
+    address = str(status["display"])
+    if status["state"] == "shutoff":
+        raise CommandError(f"VM {args.name} is not running: it has no display now")
+    if not address:
+        raise CommandError(
+            f'VM {args.name} has no display (display = "none"; or its VNC port could not be '
+            f"read: {SERVICE_HINT})"
+        )
+    if args.json:
+        print(_json({"name": args.name, **display_parts(address)}))
+        return EXIT_OK
+    print(address)
+    for line in display_hints(address):
+        print(line, file=sys.stderr)
+    return EXIT_OK
+
+
+def display_parts(address: str) -> dict[str, object]:
+    """The address and its parts: `socket` for vnc+unix:///PATH, `host` and `port` for
+    vnc://HOST:PORT."""
+    if address.startswith("vnc+unix://"):
+        return {"display": address, "socket": address.removeprefix("vnc+unix://")}
+    host, _, port = address.removeprefix("vnc://").rpartition(":")
+    return {"display": address, "host": host.strip("[]"), "port": int(port)}
+
+
+def display_hints(address: str) -> list[str]:
+    """How a person connects to `address` (printed on stderr: stdout is the address alone)."""
+    parts = display_parts(address)
+    if "socket" in parts:
+        path = parts["socket"]
+        return [
+            f"connect with: vncviewer {path}   (TigerVNC; root or group {ADMIN_GROUP})",
+            f"          or: remote-viewer {address}",
+            f"  from afar: ssh -L 5900:{path} root@THIS-HOST, then vncviewer localhost::5900",
+        ]
+    where = f"{parts['host']}::{parts['port']}"
+    return [
+        f"connect with: vncviewer {where}   or: remote-viewer {address}",
+        "  (no password: any local user can connect; a unix socket is the default for that)",
+    ]
 
 
 def _read_definition(path: str) -> str:
@@ -910,6 +960,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="take the console over from the client attached now (it is disconnected)",
+    )
+    command(
+        "display",
+        "Print where a running VM's display (VNC) listens: vnc+unix:///PATH or "
+        "vnc://HOST:PORT, with how to connect on stderr.",
+        cmd_display,
     )
     p = command(
         "log",

@@ -47,14 +47,17 @@ def vnc_socket(runtime_dir: Path, name: str) -> Path:
     return runtime_dir / "qemu" / validate_name(name) / VNC_SOCKET_NAME
 
 
-def display_args(defn: Definition, socket_path: Path) -> list[str]:
+def display_args(defn: Definition, socket_path: Path | None) -> list[str]:
     """`-vnc` and a graphics card for `defn` (pure); none for `display = "none"`.
 
+    `socket_path`: where QEMU creates the VNC socket (`vnc_socket`) when `vnc_listen` is unset.
     `-nodefaults` leaves the board without a VGA card, so a display adds the standard one.
     """
     if defn.display != "vnc":
         return []
     if defn.vnc_listen is None:
+        if socket_path is None:
+            raise ValueError(f"VM {defn.name} has a VNC display but no socket path for it")
         where = f"unix:{str(socket_path).replace(',', ',,')}"
     else:
         host = defn.vnc_listen

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from supervisord_vm import confinement, launch, lifecycle, network, qemu_journal, qemu_log
+from supervisord_vm import (
+    confinement,
+    display,
+    hardware,
+    launch,
+    lifecycle,
+    network,
+    qemu_journal,
+    qemu_log,
+)
 from supervisord_vm.console import ConsoleManager, PreparedConsole
 from supervisord_vm.definition import Definition, definition_to_toml
 from supervisord_vm.disk_access import OwnerStore
@@ -111,6 +120,7 @@ class Machine:
         # The last exit happened during a stop asked through this daemon (destroy, shutdown):
         # the restart policy must not undo it, whatever the reason turned out to be.
         self.stop_requested = False
+        self.display = ""  # how to reach the running VM's display (display.py); "" for none
 
     @property
     def name(self) -> str:
@@ -150,6 +160,7 @@ class Machine:
             restart=self.definition.restart,
             stop_timeout=self.running_definition.stop_timeout,
             exit=self.exit,
+            display=self.display if self.state is not State.SHUTOFF else "",
         )
 
     def restore_exit(self, reason: Reason, exit_info: ExitInfo) -> None:
@@ -284,9 +295,11 @@ class Machine:
                 f"{launch.os_error(err)}"
             )
         self.reason = Reason.NONE
+        self.display = ""
         self.set_state(State.STARTING, EventType.STARTING)
         socket_path = self.ctx.runtime.qmp_socket(self.name)
         console: PreparedConsole | None = None
+        hardware_fds: list[int] = []
         try:
             await self.clear_scope()
             resources = LaunchResources(qmp_socket=socket_path)
@@ -294,6 +307,7 @@ class Machine:
             await asyncio.to_thread(confinement.qemu_runtime_dir, self.ctx.paths, self.name)
             owner = OwnerStore(self.ctx.paths.state_dir).get(self.name)
             console = self._prepare_console(resources)
+            hardware_fds = await hardware.prepare(self.ctx.paths, defn, resources)
             launched = await launch.launch(
                 defn,
                 self.unit,
@@ -310,6 +324,8 @@ class Machine:
             if console is not None:
                 console.discard()
             await self._fail_without_run(f"cannot start VM {self.name}: {err}")
+        finally:
+            hardware.close(hardware_fds)
         if console is not None and self.ctx.consoles is not None:
             await self.ctx.consoles.started(self.name, console)
         run = self.new_run(launched.process.pid, launched.process, time.time())
@@ -326,6 +342,7 @@ class Machine:
             raise StartFailed(f"QEMU for VM {self.name} failed to start: {err}{detail}") from err
         if self.run is not run:  # it ended right after `cont` and was settled already
             raise StartFailed(f"QEMU for VM {self.name} exited while starting")
+        self.display = await display.attach(run.qmp, defn, self.ctx.paths.runtime_dir)
         await self.register_machine(run)
         self.set_state(State.RUNNING, EventType.STARTED, f"pid {run.pid}")
 

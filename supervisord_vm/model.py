@@ -105,3 +105,4 @@ class MachineInfo:
     restart: str
     stop_timeout: int
     exit: ExitInfo
+    display: str = ""  # the running VM's display, vnc+unix:///PATH or vnc://HOST:PORT; or ""

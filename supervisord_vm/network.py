@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from supervisord_vm import confinement
+from supervisord_vm import boot, confinement
 from supervisord_vm.confinement import QemuIdentity
 from supervisord_vm.definition import Definition
 from supervisord_vm.definition_devices import Nic, nic_mac
@@ -130,6 +130,7 @@ def nic_argv(defn: Definition, tap_fds: Mapping[int, int]) -> list[str]:
     `tap_fds`: NIC index -> the descriptor QEMU gets for a bridge or tap NIC (`open_nics`).
     """
     argv: list[str] = []
+    _, bootindex = boot.boot_indexes(defn)  # boot = [..., "network", ...]: PXE in that place
     for index, nic in enumerate(defn.nics):
         netdev = netdev_id(index)
         if nic.type == "user":
@@ -144,7 +145,10 @@ def nic_argv(defn: Definition, tap_fds: Mapping[int, int]) -> list[str]:
             raise ValueError(f"NIC {index} of VM {defn.name} has an unknown type {nic.type!r}")
         mac = nic_mac(defn.name, index, nic)
         argv += ["-netdev", ",".join(parts)]
-        argv += ["-device", f"{nic.model},netdev={netdev},mac={mac},id=nic{index}"]
+        device = f"{nic.model},netdev={netdev},mac={mac},id=nic{index}"
+        if index in bootindex:
+            device += f",bootindex={bootindex[index]}"
+        argv += ["-device", device]
     return argv
 
 

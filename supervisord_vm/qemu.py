@@ -32,8 +32,12 @@ from qemu.qmp import (
     StateError,
 )
 
+from supervisord_vm import boot
+from supervisord_vm.cpu import cpu_args
 from supervisord_vm.definition import Definition, Disk
+from supervisord_vm.display import display_args
 from supervisord_vm.errors import QmpDisconnected, QmpError, QmpTimeout
+from supervisord_vm.firmware import firmware_args
 from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldconfig
 from supervisord_vm.network import nic_argv
 
@@ -43,9 +47,6 @@ log = logging.getLogger(__name__)
 # the library must not speak for the daemon. Our own messages say what went wrong.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
-# Machine types whose board has an IDE controller that SeaBIOS boots from.
-_IDE_MACHINE_PREFIXES = ("pc", "q35")
-
 
 def qemu_option_value(value: str) -> str:
     """Quote a value for QEMU's `key=value,...` option syntax, where a comma is written `,,`."""
@@ -53,28 +54,60 @@ def qemu_option_value(value: str) -> str:
 
 
 def drive_interface(machine: str, disk: Disk) -> str:
-    """Pick the bus for a disk: IDE where the board has it, else virtio.
-
-    IDE is what SeaBIOS boots on pc/q35 without extra firmware; QEMU refuses a read-only IDE hard
-    disk, so read-only disks go on virtio-blk (which SeaBIOS also boots).
-    """
-    if machine.startswith(_IDE_MACHINE_PREFIXES) and not disk.readonly:
-        return "ide"
-    return "virtio"
+    """Pick the bus for a disk: IDE where the board has it, else virtio (see boot.on_ide)."""
+    return "ide" if boot.on_ide(machine, disk) else "virtio"
 
 
-def drive_option(machine: str, disk: Disk, file: str | None = None) -> str:
-    """`-drive`'s value; `file` replaces the path (`/dev/fdset/N`: the daemon opened it)."""
+def drive_option(
+    machine: str, disk: Disk, file: str | None = None, drive_id: str | None = None
+) -> str:
+    """`-drive`'s value; `file` replaces the path (`/dev/fdset/N`: the daemon opened it);
+    `drive_id`: a drive without a device (`if=none`), for an explicit `-device`."""
     parts = [
         f"file={qemu_option_value(file if file is not None else disk.path)}",
         f"format={disk.format}",
-        f"if={drive_interface(machine, disk)}",
+        f"if={drive_interface(machine, disk)}" if drive_id is None else f"if=none,id={drive_id}",
     ]
+    if disk.media == "cdrom":
+        parts.append("media=cdrom")
     if disk.readonly:
         parts.append("readonly=on")
     if disk.snapshot:
         parts.append("snapshot=on")
     return ",".join(parts)
+
+
+def disk_args(defn: Definition, files: Mapping[int, str]) -> list[str]:
+    """Every disk's `-drive` (and `-device`), in definition order; `files`: disk index ->
+    `/dev/fdset/N` where the daemon opened the image.
+
+    Without a boot order, `-drive if=ide|virtio` lets QEMU place each disk. With one, each
+    disk gets its own `-device` (on the IDE bus and unit `if=ide` would have given it), since
+    only a device carries the `bootindex` both SeaBIOS and OVMF follow (boot.py).
+    """
+    bootindex, _ = boot.boot_indexes(defn)
+    if not bootindex:
+        return [
+            arg
+            for index, disk in enumerate(defn.disks)
+            for arg in ("-drive", drive_option(defn.machine, disk, files.get(index)))
+        ]
+    argv: list[str] = []
+    ide_ordinal = 0
+    for index, disk in enumerate(defn.disks):
+        drive_id = f"drive-disk{index}"
+        argv += ["-drive", drive_option(defn.machine, disk, files.get(index), drive_id)]
+        if boot.on_ide(defn.machine, disk):
+            bus, unit = boot.ide_address(defn.machine, ide_ordinal)
+            ide_ordinal += 1
+            model = "ide-cd" if disk.media == "cdrom" else "ide-hd"
+            device = [model, f"drive={drive_id}", f"bus={bus}", f"unit={unit}"]
+        else:
+            device = ["virtio-blk-pci", f"drive={drive_id}"]
+        if index in bootindex:
+            device.append(f"bootindex={bootindex[index]}")
+        argv += ["-device", ",".join(device)]
+    return argv
 
 
 @dataclass
@@ -97,6 +130,11 @@ class LaunchResources:
     fdsets: list[tuple[int, int, str]] = field(default_factory=list)
     disk_files: dict[int, str] = field(default_factory=dict)
     sandbox: str | None = None
+    # CPU, firmware, display (hardware.py): QEMU's user can use KVM (`-cpu host` by default);
+    # the VM's UEFI variables store as QEMU opens it (/dev/fdset/N); its VNC unix socket.
+    kvm: bool = False
+    nvram_file: str | None = None
+    vnc_socket: Path | None = None
 
     def add_fdset(self, fds: list[int], opaque: str) -> str:
         """Hand `fds` (one file, opened in different modes) to QEMU as a new fd set; returns
@@ -174,12 +212,13 @@ def build_argv(
     for accel in defn.accel:
         argv += ["-accel", accel]
     argv += ["-machine", defn.machine, "-m", str(defn.memory), "-smp", str(defn.cpus)]
-    files = resources.disk_files if resources is not None else {}
-    for index, disk in enumerate(defn.disks):
-        argv += ["-drive", drive_option(defn.machine, disk, files.get(index))]
+    argv += cpu_args(defn, resources is not None and resources.kvm)
+    argv += firmware_args(defn, resources.nvram_file if resources is not None else None)
+    argv += disk_args(defn, resources.disk_files if resources is not None else {})
     if resources is not None and resources.console_fd is not None:
         argv += serial_console_args(resources.console_fd)  # before extra_args: ours is COM1
     argv += nic_argv(defn, resources.nic_fds if resources is not None else {})
+    argv += display_args(defn, resources.vnc_socket if resources is not None else None)
     argv += defn.extra_args
     return argv
 

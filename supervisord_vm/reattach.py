@@ -14,6 +14,7 @@ import logging
 import os
 import time
 
+from supervisord_vm import display
 from supervisord_vm.definition import Definition
 from supervisord_vm.errors import SvmError
 from supervisord_vm.lifecycle import NO_PENDING, Pending, PendingOp, classify_lost, classify_settled
@@ -98,6 +99,10 @@ async def adopt(
             machine.save_record(run)
         except OSError as err:
             log.error("VM %s: cannot write its runtime record: %s", machine.name, err)
+        # Derived again, not stored: the socket's place, or the port QEMU says it listens on.
+        machine.display = await display.attach(
+            run.qmp, running_definition, machine.ctx.paths.runtime_dir
+        )
         machine.set_state(State.RUNNING)
         if status == "paused":
             machine.set_state(State.PAUSED)
