@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV ?= .venv
 APT_PACKAGES := qemu-system-x86 systemd-container libsystemd-dev pkg-config gcc gdb \
-	python3-venv python3-dev dbus util-linux qemu-utils iproute2
+	python3-venv python3-dev dbus util-linux qemu-utils iproute2 ovmf
 
 .PHONY: deps venv test test-host test-sandbox check reliability
 
