@@ -262,18 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="0")
     args = parser.parse_args(argv)
     os.environ["COLUMNS"] = "78"  # argparse wraps usage lines to the terminal's width
-    sys.path.insert(0, str(CHECKOUT))
-    sys.meta_path.append(_StandInFinder())
     args.outdir.mkdir(parents=True, exist_ok=True)
-    pages = {
-        "svmctl": (
-            svmctl_parser(),
-            1,
-            "control QEMU VMs supervised by supervisord-vm",
-            _svmctl_extra,
-        ),
-        "supervisord-vm": (daemon_parser(), 8, "QEMU VM supervisor daemon", _daemon_extra),
-    }
+    sys.path.insert(0, str(CHECKOUT))
+    stand_ins = _StandInFinder()
+    sys.meta_path.append(stand_ins)
+    try:
+        pages = {
+            "svmctl": (
+                svmctl_parser(),
+                1,
+                "control QEMU VMs supervised by supervisord-vm",
+                _svmctl_extra,
+            ),
+            "supervisord-vm": (daemon_parser(), 8, "QEMU VM supervisor daemon", _daemon_extra),
+        }
+    finally:  # a caller in the same process (the unit tests) keeps its real import errors
+        sys.meta_path.remove(stand_ins)
+        sys.path.remove(str(CHECKOUT))
     for name, (command_parser, section, summary, extra) in pages.items():
         command_parser.prog = name
         text = page(
