@@ -103,8 +103,8 @@ def watchdog_interval() -> float | None:
 @contextlib.contextmanager
 def single_instance(runtime_dir: Path) -> Iterator[None]:
     """Hold an flock on RUNTIME_DIR/supervisord-vm.lock for the daemon's life."""
-    runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(runtime_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    runtime_dir.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU passes, nobody lists
+    fd = os.open(runtime_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -83,6 +83,17 @@ def status_fields(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def assert_private(runtime: Path) -> None:
+    """Nothing under the runtime directory is for other users: directories at most let them
+    pass (search), files and sockets give them nothing."""
+    for path in [runtime, *runtime.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir():
+            assert mode & 0o006 == 0, f"{path} is {oct(mode)}"
+        else:
+            assert mode & 0o007 == 0, f"{path} is {oct(mode)}"
+
+
 def image_access_modes(pid: int, image: Path) -> set[int]:
     """The access modes (O_RDONLY, O_RDWR) of the descriptors of `image` that process `pid`
     holds (the fd set the daemon handed over, and QEMU's dups of it)."""
@@ -257,12 +268,7 @@ def test_runtime_files_are_not_reachable_by_other_users() -> None:
             grp.getgrnam("supervisord-vm").gr_gid,
         )
         assert stat.S_IMODE(info.st_mode) == 0o750
-        for path in [runtime, *runtime.rglob("*")]:
-            mode = stat.S_IMODE(path.lstat().st_mode)
-            if path.is_dir():
-                assert mode & 0o006 == 0, f"{path} is {oct(mode)}"  # others: at most search
-            else:
-                assert mode & 0o007 == 0, f"{path} is {oct(mode)}"
+        assert_private(runtime)
         await env.supervisor.destroy("conf2")
         assert not (runtime / "qemu").exists()  # removed with the other runtime files
 
@@ -431,6 +437,7 @@ def test_installed_service_confines_qemu_and_refuses_a_members_root_file(service
             assert int(fields[caps], 16) == 0, (caps, fields[caps])
         assert fields["NoNewPrivs"] == "1"
         assert int(fields["Seccomp_filters"]) > own_seccomp_filters()
+        assert_private(Path("/run/supervisord-vm"))
     finally:
         svm("destroy", "--force", "cf_root")
         svm("undefine", "cf_root")
