@@ -130,6 +130,9 @@ class Machined:
         except NotRegistered as err:
             self._say_once(name, str(err))
             return False
+        except Exception:  # a bug here must never fail a start or a reattach
+            log.exception("VM %s: registering it with systemd-machined failed", name)
+            return False
         self._reported.pop(name, None)  # a later problem is worth saying again
         return True
 

@@ -1,5 +1,10 @@
 """QEMU's log files: opened for a run, rotated at start, kept bounded while it runs.
 
+The fallback where the journal is unavailable: QEMU's output normally goes to journald from
+inside its scope (qemu_journal.py); only a start that finds journald's stream socket missing
+(a host or container without journald) gets a log file. Files of earlier versions, and of such
+starts, stay readable (svmctl log falls back to them when the journal has nothing).
+
 QEMU writes its stdout and stderr straight into LOG_DIR/NAME.log through an O_APPEND fd it
 inherits, so its output never waits for the daemon and survives daemon restarts. The daemon
 bounds the file from the side instead of sitting in the output path: at each start a log over
