@@ -253,6 +253,28 @@ def test_a_vm_an_older_daemon_started_is_reattached() -> None:
     run(body)
 
 
+def test_a_qcow2_backing_file_is_opened_by_qemu_with_its_own_rights() -> None:
+    """The daemon hands over the image it was named; the backing file named in the image's
+    header QEMU opens itself, as its user: root-only fails (and says so), readable boots."""
+
+    async def body(env: Env) -> None:
+        base = root_only_image(env.base / "base.img")
+        overlay = env.base / "overlay.qcow2"
+        await run_cmd(
+            "qemu-img", "create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)
+        )
+        overlay.chmod(0o600)
+        with pytest.raises(StartFailed, match="Could not open backing file") as caught:
+            await env.supervisor.create(toml("backed", overlay, fmt="qcow2", snapshot=False))
+        assert "Permission denied" in str(caught.value)
+        os.chown(base, 0, qemu_user().pw_gid)
+        base.chmod(0o640)  # the administrator's way: readable by QEMU's group
+        await env.supervisor.create(toml("backed", overlay, fmt="qcow2", snapshot=False))
+        await power_off(env, "backed")
+
+    run(body)
+
+
 def test_runtime_files_are_not_reachable_by_other_users() -> None:
     async def body(env: Env) -> None:
         image = root_only_image(env.base / "img0.img")
