@@ -391,6 +391,8 @@ class Machine:
         self.ctx.on_exit(self, Reason.FAILED)
         raise StartFailed(message)
 
+    EXIT_NOTICE = 2.0  # seconds a failed monitor connect waits to see whether QEMU exited
+
     async def connect_qmp(self, run: Run, socket_path: Path) -> QmpSession:
         """Connect QMP, giving up at once if QEMU exits first (bad extra_args and the like)."""
         connect = asyncio.ensure_future(
@@ -411,6 +413,16 @@ class Machine:
             with contextlib.suppress(asyncio.CancelledError, SvmError):
                 await connect
             raise QmpError("QEMU exited before its monitor was ready")
+        error = connect.exception()
+        if error is not None and not run.exited.is_set():
+            # The daemon listens on the monitor's socket itself (confinement), so a QEMU that
+            # dies at start resets the connection instead of never making a socket: give its
+            # exit a moment to be seen, and say that rather than "connection reset".
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.EXIT_NOTICE):
+                    await run.exited.wait()
+        if error is not None and run.exited.is_set():
+            raise QmpError("QEMU exited before its monitor was ready") from error
         return connect.result()
 
     async def _abort_run(self, run: Run) -> None:

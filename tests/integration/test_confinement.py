@@ -267,6 +267,7 @@ def test_a_qcow2_backing_file_is_opened_by_qemu_with_its_own_rights() -> None:
         with pytest.raises(StartFailed, match="Could not open backing file") as caught:
             await env.supervisor.create(toml("backed", overlay, fmt="qcow2", snapshot=False))
         assert "Permission denied" in str(caught.value)
+        assert "QEMU exited before its monitor was ready" in str(caught.value)
         os.chown(base, 0, qemu_user().pw_gid)
         base.chmod(0o640)  # the administrator's way: readable by QEMU's group
         await env.supervisor.create(toml("backed", overlay, fmt="qcow2", snapshot=False))
