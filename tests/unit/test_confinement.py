@@ -4,6 +4,10 @@ credentials, the path policy's rules and the owner records (no root, no systemd,
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisord_vm import _spawn_trampoline, confinement, daemon, disk_access
+from supervisord_vm import _spawn_trampoline, confined_launch, confinement, daemon, disk_access
 from supervisord_vm.definition import Definition, Disk
 from supervisord_vm.disk_access import Credentials, OwnerStore
+from supervisord_vm.errors import DiskAccessDenied
 from supervisord_vm.qemu import (
     LaunchResources,
     build_argv,
@@ -213,3 +218,57 @@ def test_qemu_runtime_dir_is_private_and_removed(tmp_path: Path) -> None:
     confinement.remove_qemu_runtime_dir(paths.runtime_dir, "web1")
     assert not (tmp_path / "run" / "qemu").exists()
     assert list((tmp_path / "run").iterdir()) == []
+
+
+# --- what the daemon opens for QEMU -----------------------------------------------------------
+
+
+def test_the_monitor_socket_is_listening_and_root_only(tmp_path: Path) -> None:
+    path = tmp_path / "web1.qmp"
+    path.write_text("stale")
+    fd = confined_launch.bind_qmp_socket(path)
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert not os.get_inheritable(fd)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # accepted into the backlog: QEMU answers later
+    finally:
+        os.close(fd)
+
+
+def test_disks_are_opened_in_the_modes_qemu_needs(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(512))
+    defn = Definition(name="a", disks=(Disk(path=str(image)), Disk(path=str(image), snapshot=True)))
+    opened = asyncio.run(disk_access.open_disks(defn, None))
+    try:
+        modes = [[fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in fds] for fds in opened]
+        assert modes == [[os.O_RDWR, os.O_RDONLY], [os.O_RDONLY]]
+        assert all(
+            os.get_blocking(fd) and not os.get_inheritable(fd) for fds in opened for fd in fds
+        )
+    finally:
+        for fds in opened:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    defn = Definition(name="a", disks=(Disk(path=str(fifo), snapshot=True),))
+    with pytest.raises(OSError, match="not a regular file or block device"):
+        asyncio.run(disk_access.open_disks(defn, None))
+
+
+def test_a_file_that_left_the_image_dirs_is_refused(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"")
+    confinement.configure(confinement.QEMU_USER, [images])
+    with pytest.raises(DiskAccessDenied, match="now is"):
+        disk_access._open_in_image_dirs(str(outside), False)
+    (images / "in.img").write_bytes(b"")
+    os.close(disk_access._open_in_image_dirs(str(images / "in.img"), True))
