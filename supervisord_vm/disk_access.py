@@ -30,6 +30,7 @@ from pathlib import Path
 from supervisord_vm import _open_as, confinement
 from supervisord_vm.definition import Definition, Disk, validate_name
 from supervisord_vm.errors import DiskAccessDenied
+from supervisord_vm.store import atomic_write
 
 _HELPER_TIMEOUT = 30.0  # an open on a hung NFS mount must not hold a start forever
 _NOBODY_UID = 65534
@@ -100,8 +101,6 @@ class OwnerStore:
 
     def set(self, name: str, owner: Credentials | None) -> None:
         """Record `owner` for VM `name`; None (root's definition) removes the record."""
-        from supervisord_vm.store import atomic_write  # noqa: PLC0415 - store imports this module
-
         if owner is None or owner.uid == 0:
             self._path(name).unlink(missing_ok=True)
             return
