@@ -48,6 +48,7 @@ DEFAULT_IMAGE_DIRS = (Path("/var/lib/supervisord-vm/images"),)
 # priority changes. A binary built without seccomp (or older than these options) refuses it.
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 _PROBE_TIMEOUT = 10.0
+_SANDBOX_CACHE_SIZE = 64  # binaries remembered (a member could name many scripts)
 
 
 class ConfinementUnavailable(SvmError):
@@ -135,6 +136,8 @@ async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | No
         if answer is None:
             return None  # not a program QEMU's user can run: the launch will say so
         supported = _sandbox_support[key] = answer
+        while len(_sandbox_support) > _SANDBOX_CACHE_SIZE:  # bounded: oldest answers go first
+            del _sandbox_support[next(iter(_sandbox_support))]
         if not supported:
             log.warning(
                 "QEMU binary %s has no seccomp sandbox (-sandbox %s): its VMs run without it (%s)",
