@@ -593,6 +593,22 @@ class ConsoleManager:
         except OSError as err:
             log.warning("VM %s: cannot remove its console socket: %s", name, err)
 
+    async def sweep(self, keep: set[str]) -> None:
+        """Remove the console sockets of VMs not in `keep` (at start-up, after reattach: those
+        of VMs that ended while no daemon ran and were not settled through a record)."""
+
+        def stale() -> list[Path]:
+            try:
+                entries = list(self.paths.runtime_dir.glob("*.console"))
+            except OSError:
+                return []
+            return [path for path in entries if path.name.removesuffix(".console") not in keep]
+
+        for path in await asyncio.to_thread(stale):
+            log.info("removing the console socket %s of a VM that is not running", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
     async def detach(self, name: str) -> None:
         """The daemon lets go of a VM that keeps running: close, keep the socket for the next
         daemon to reconnect to."""

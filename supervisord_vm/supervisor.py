@@ -234,6 +234,9 @@ class Supervisor:
                 log.error("reattach failed", exc_info=outcome)
             elif isinstance(outcome, BaseException):
                 raise outcome
+        # Console sockets of VMs that run no more (an orphan scope stopped, a record lost).
+        running = {name for name, m in self._machines.items() if m.state is not State.SHUTOFF}
+        await self._consoles.sweep(keep=running)
 
     async def _reattach_scope(self, unit: str, status: UnitStatus, machine: Machine | None) -> None:
         """A scope with no runtime record: adopt its QEMU, settle it, or stop an orphan."""

@@ -399,3 +399,13 @@ async def test_a_taken_over_client_that_never_reads_is_cut_off(
     first.close()
     second.close()
     serial.writer.close()
+
+
+async def test_sweep_removes_the_sockets_of_vms_that_do_not_run(manager: ConsoleManager) -> None:
+    runtime = manager.paths.runtime_dir
+    runtime.mkdir(parents=True)
+    for name in ("running", "gone"):
+        (runtime / f"{name}.console").touch()
+    (runtime / "gone.json").touch()  # not a console socket: not the sweep's business
+    await manager.sweep(keep={"running"})
+    assert sorted(p.name for p in runtime.iterdir()) == ["gone.json", "running.console"]
