@@ -315,6 +315,26 @@ def test_a_uefi_vm_keeps_its_own_variables_store_until_undefined(
     assert not store.exists()
 
 
+def test_a_transient_uefi_vms_store_goes_when_the_vm_is_forgotten(
+    service: None, tmp_path: Path
+) -> None:
+    name = "df_uefi_transient"
+    store = NVRAM / f"{name}_VARS.fd"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'name = "{name}"\naccel = "tcg"\nmemory = 128\nstop_timeout = 5\nfirmware = "uefi"\n'
+    )
+    try:
+        created = svm("create", str(path))
+        assert created.returncode == 0, created.stderr
+        assert status(name)["transient"] is True and store.is_file()
+        assert svm("destroy", name).returncode == 0
+        wait_for(lambda: svm("status", name).returncode == 4, WAIT, f"{name} forgotten")
+        assert not store.exists()
+    finally:
+        svm("destroy", "--force", name)
+
+
 def test_uefi_on_a_board_ovmf_does_not_support_is_a_clear_start_error(
     define: Callable[..., str],
 ) -> None:
