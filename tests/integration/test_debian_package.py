@@ -286,6 +286,10 @@ def test_apt_installs_offline_from_dist_and_starts_the_service(installation: Ins
     assert sh("man", "-w", "8", "supervisord-vm").returncode == 0
     conffiles = Path("/var/lib/dpkg/info/supervisord-vm.conffiles").read_text().split()
     assert conffiles == ["/etc/default/supervisord-vm"]
+    # The D-Bus activation file is in place: a call starts a stopped daemon.
+    assert sh("systemctl", "stop", UNIT).returncode == 0
+    assert svm("list").returncode == 0
+    assert show(UNIT, "ActiveState") == "active"
 
 
 def test_svmctl_starts_a_vm_as_root_and_lets_only_group_members_change_it(
