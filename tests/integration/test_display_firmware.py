@@ -393,3 +393,36 @@ def test_the_boot_order_decides_which_device_the_guest_boots_from(
         other = DISK_BANNER if banner == CDROM_BANNER else CDROM_BANNER
         assert other not in console_log(name)
         assert svm("destroy", "--force", name).returncode == 0
+
+
+def ovmf_tried(name: str) -> list[str]:
+    """The devices OVMF's boot manager tried, in order, as it says on the serial console
+    ("BdsDxe: failed to load Boot0001 "UEFI QEMU DVD-ROM QM00002 " from ...")."""
+    tried: list[str] = []
+    for line in console_log(name).splitlines():
+        if b"BdsDxe:" not in line:
+            continue
+        for kind in ("DVD-ROM", "HARDDISK"):
+            if kind.encode() in line and kind not in tried:
+                tried.append(kind)
+    return tried
+
+
+def test_ovmf_follows_the_boot_order_too(define: Callable[..., str]) -> None:
+    """Neither device holds a UEFI boot loader, so OVMF tries both and says so on the serial
+    console: the first kind in `boot` first."""
+    disks = [
+        {"path": str(DISK_IMAGE), "snapshot": True},
+        {"path": str(CDROM_IMAGE), "media": "cdrom"},
+    ]
+    expected = {"df_uefi_cd": ["DVD-ROM", "HARDDISK"], "df_uefi_hd": ["HARDDISK", "DVD-ROM"]}
+    for name, order in (("df_uefi_cd", ["cdrom", "disk"]), ("df_uefi_hd", ["disk", "cdrom"])):
+        define(name, disks=disks, boot=order, firmware="uefi", memory=128)
+        start(name)
+    for name, tried in expected.items():
+        wait_for(
+            lambda name=name: len(ovmf_tried(name)) == 2,  # type: ignore[misc]
+            WAIT * 3,
+            f"OVMF of {name} to try both devices",
+        )
+        assert ovmf_tried(name) == tried
