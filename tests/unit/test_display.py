@@ -4,10 +4,12 @@ group, and how svmctl prints it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -137,3 +139,43 @@ def test_svmctl_splits_an_address_into_its_parts_and_hints_how_to_connect() -> N
     assert f"vncviewer {VNC}" in hints and f"remote-viewer {unix}" in hints
     tcp = "\n".join(cli.display_hints("vnc://127.0.0.1:5901"))
     assert "vncviewer 127.0.0.1::5901" in tcp and "no password" in tcp
+
+
+class FakeClient:
+    """What cmd_display asks of svmctl's client: one VM's status."""
+
+    def __init__(self, state: str, address: str) -> None:
+        self.answer = {"name": "web1", "state": state, "display": address}
+
+    def status(self, name: str) -> dict[str, object]:
+        return dict(self.answer, name=name)
+
+
+def _display(client: FakeClient, as_json: bool = False) -> int:
+    args = SimpleNamespace(name="web1", json=as_json)
+    return cli.cmd_display(client, args)  # type: ignore[arg-type]
+
+
+def test_svmctl_display_prints_the_address_alone_on_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    unix = f"vnc+unix://{VNC}"
+    assert _display(FakeClient("running", unix)) == 0
+    out, err = capsys.readouterr()
+    assert out == unix + "\n" and "vncviewer" in err
+    assert _display(FakeClient("paused", "vnc://127.0.0.1:5900"), as_json=True) == 0
+    out, _ = capsys.readouterr()
+    assert json.loads(out) == {
+        "name": "web1",
+        "display": "vnc://127.0.0.1:5900",
+        "host": "127.0.0.1",
+        "port": 5900,
+    }
+
+
+def test_svmctl_display_of_a_stopped_vm_or_one_without_display_fails() -> None:
+    with pytest.raises(cli.CommandError, match="is not running") as stopped:
+        _display(FakeClient("shutoff", ""))
+    assert stopped.value.code == cli.EXIT_FAILURE
+    with pytest.raises(cli.CommandError, match='has no display \\(display = "none"'):
+        _display(FakeClient("running", ""))
