@@ -22,6 +22,7 @@ from supervisord_vm.confinement import QemuIdentity
 from supervisord_vm.definition import Definition
 from supervisord_vm.disk_access import Credentials
 from supervisord_vm.qemu import LaunchResources
+from supervisord_vm.systemd import Systemd
 
 _QMP_BACKLOG = 16
 
@@ -47,6 +48,7 @@ async def prepare(
     resources: LaunchResources,
     socket_path: Path,
     owner: Credentials | None,
+    systemd: Systemd,
 ) -> ConfinedLaunch:
     """Open the disks, bind the monitor socket, pick the seccomp option; fill `resources`.
 
@@ -64,7 +66,7 @@ async def prepare(
         prepared.fds.append(qmp)
         resources.qmp_fd = qmp
         resources.pass_fds.append(qmp)
-        resources.sandbox = await confinement.sandbox_option(defn.qemu, identity)
+        resources.sandbox = await confinement.sandbox_option(defn.qemu, identity, systemd)
     except BaseException:
         prepared.close_fds()
         raise

@@ -21,17 +21,17 @@ import grp
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from supervisord_vm import _spawn_trampoline
 from supervisord_vm.definition import validate_name
 from supervisord_vm.errors import SvmError
+from supervisord_vm.systemd import ScopeProperties, Systemd, spawn_in_scope
 
 if TYPE_CHECKING:
     from supervisord_vm.store import Paths
@@ -115,13 +115,16 @@ def qemu_identity() -> QemuIdentity | None:
 _sandbox_support: dict[tuple[str, int, int, int, int], bool] = {}
 
 
-async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | None:
+async def sandbox_option(
+    binary: str, identity: QemuIdentity | None, systemd: Systemd
+) -> str | None:
     """`-sandbox`'s value for `binary`, or None where it has no (complete) seccomp support.
 
     Asked once per binary (path, inode, mtime; cached): `BINARY -sandbox SANDBOX_OPTION -version`
-    exits 0 only where QEMU parses every option of the filter. The probe runs through the spawn
-    trampoline with the same identity as the VM would: the program a definition names never runs
-    as root, not even to be asked. A binary without it is said once in the log and runs without.
+    exits 0 only where QEMU parses every option of the filter. The probe is spawned like the VM's
+    QEMU (in its own scope, through the trampoline, as QEMU's user): the program a definition
+    names never runs as root, not even to be asked. A binary without it is said once in the log
+    and runs without.
     """
     if identity is None:
         return None  # opted out: QEMU as before, as root and unfiltered
@@ -132,7 +135,7 @@ async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | No
     key = (binary, st.st_dev, st.st_ino, st.st_mtime_ns, identity.uid)
     supported = _sandbox_support.get(key)
     if supported is None:
-        answer, output = await _probe_sandbox(binary, identity)
+        answer, output = await _probe_sandbox(binary, identity, systemd)
         if answer is None:
             return None  # not a program QEMU's user can run: the launch will say so
         supported = _sandbox_support[key] = answer
@@ -148,42 +151,57 @@ async def sandbox_option(binary: str, identity: QemuIdentity | None) -> str | No
     return SANDBOX_OPTION if supported else None
 
 
-async def _probe_sandbox(binary: str, identity: QemuIdentity) -> tuple[bool | None, str]:
-    """Whether `binary` accepts the filter (None: it could not even be run), and its words."""
-    creds = _spawn_trampoline.encode_credentials(
-        identity.uid, identity.gid, identity.groups, QEMU_UMASK
+async def _probe_sandbox(
+    binary: str, identity: QemuIdentity, systemd: Systemd
+) -> tuple[bool | None, str]:
+    """Whether `binary` accepts the filter (None: it could not even be run), and its words.
+
+    Run like a VM's QEMU: in a scope of its own (`supervisord-vm-probe-*.scope`, stopped after
+    it, so nothing a definition's program leaves behind outlives the probe), as QEMU's user.
+    """
+    unit = f"supervisord-vm-probe-{secrets.token_hex(6)}.scope"
+    props = ScopeProperties(
+        description=f"supervisord-vm: does {binary} have a seccomp sandbox?", stop_timeout=5.0
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-S",
-        _spawn_trampoline.__file__,
-        _spawn_trampoline.NO_CONTROL,
-        creds,
-        binary,
-        "-sandbox",
-        SANDBOX_OPTION,
-        "-version",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-    )
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        async with asyncio.timeout(_PROBE_TIMEOUT):
-            _, err = await process.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGKILL)
-        await process.wait()
-        return False, f"no answer to -version within {_PROBE_TIMEOUT:g} s"
-    text = err[-400:].decode("utf-8", "replace").strip().replace("\n", " ")
-    if process.returncode in (
-        _spawn_trampoline.EXIT_EXEC_FAILED,
-        _spawn_trampoline.EXIT_PRIVILEGES,
-    ):
-        return None, text
-    return process.returncode == 0, text
+        try:
+            process = await spawn_in_scope(
+                systemd,
+                [binary, "-sandbox", SANDBOX_OPTION, "-version"],
+                unit,
+                props,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                stdout=null,
+                stderr=write_end,
+                run_as=identity,
+                umask=QEMU_UMASK,
+            )
+        except (OSError, SvmError) as err:
+            return None, str(err)  # cannot be run (as QEMU's user): the launch will say why
+        finally:
+            os.close(write_end)
+            os.close(null)
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                code = await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+            await process.wait()
+            return False, f"no answer to -version within {_PROBE_TIMEOUT:g} s"
+        finally:
+            with contextlib.suppress(SvmError):
+                await systemd.stop_unit(unit)  # whatever the program left running in it
+        try:
+            output = os.read(read_end, 65536)
+        except BlockingIOError:
+            output = b""
+    finally:
+        os.close(read_end)
+    text = output[-400:].decode("utf-8", "replace").strip().replace("\n", " ")
+    return code == 0, text
 
 
 # --- QEMU's runtime directory ---------------------------------------------------------------

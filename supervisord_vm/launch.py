@@ -118,7 +118,7 @@ async def launch(
         try:
             if resources is None:
                 resources = LaunchResources(qmp_socket=socket_path)
-            confined = await confined_launch.prepare(defn, resources, socket_path, owner)
+            confined = await confined_launch.prepare(defn, resources, socket_path, owner, systemd)
             env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
             if to_journal:  # the trampoline opens the streams once it is in the scope
                 env[qemu_journal.STREAM_ENV] = qemu_journal.identifier(defn.name)

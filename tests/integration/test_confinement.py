@@ -318,6 +318,41 @@ def test_the_qemu_key_never_runs_a_program_as_root() -> None:
     run(body)
 
 
+def test_the_seccomp_probe_leaves_nothing_running() -> None:
+    """A definition's program is asked about -sandbox in a scope of its own, stopped after:
+    what it leaves running (here a `sleep` it forks while asked) does not outlive the probe."""
+
+    async def body(env: Env) -> None:
+        marker = f"6000.{os.getpid()}"  # a sleep's argument no other process has
+        script = env.base / "forking-qemu"
+        script.write_text(
+            "#!/bin/sh\n"
+            f'case "$*" in *-version*) (sleep {marker} &) ;; esac\n'
+            'exec qemu-system-x86_64 "$@"\n',
+            encoding="utf-8",
+        )
+        script.chmod(0o755)
+        image = root_only_image(env.base / "img3.img")
+        await env.supervisor.create(toml("probed", image, extra=f'qemu = "{script}"'))
+        assert processes_with_argument(marker) == []
+        await env.supervisor.destroy("probed")
+
+    run(body)
+
+
+def processes_with_argument(argument: str) -> list[int]:
+    """Live processes one of whose arguments is `argument` (from /proc)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if argument.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def test_member_cannot_name_a_file_they_cannot_open(member: Caller) -> None:
     async def body(env: Env) -> None:
         secret = env.base / "secret"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -26,6 +27,7 @@ from supervisord_vm.qemu import (
     drive_option,
     qmp_args,
 )
+from supervisord_vm.systemd import Systemd
 
 SOCKET = Path("/run/supervisord-vm/web1.qmp")
 
@@ -136,7 +138,9 @@ def test_opting_out_means_no_identity_and_no_sandbox() -> None:
     confinement.configure(None)
     assert confinement.qemu_identity() is None
     assert not confinement.confined()
-    assert asyncio.run(confinement.sandbox_option("/usr/bin/qemu-system-x86_64", None)) is None
+    no_systemd = cast(Systemd, None)  # never asked: opted out
+    qemu = "/usr/bin/qemu-system-x86_64"
+    assert asyncio.run(confinement.sandbox_option(qemu, None, no_systemd)) is None
     confinement.configure("root")
     assert confinement.qemu_identity() is None
 
