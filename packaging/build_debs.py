@@ -36,6 +36,8 @@ CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Never copied into the source tree the package is built from.
 SOURCE_EXCLUDES = {".git", ".venv", "dist", "build", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 REQUIRED_TOOLS = ("dpkg-buildpackage", "dh", "pybuild", "dpkg-scanpackages", "apt-ftparchive")
+# Part of every dependency's cache key: bump it when the way they are built changes.
+RECIPE_FORMAT = b"2: source and binary packages"
 MAINTAINER = "supervisord-vm maintainers <maintainers@users.noreply.r-seed-0ed6a537.example>"
 
 
@@ -146,23 +148,62 @@ def set_version(source_tree: Path, version: str) -> None:
     changelog.write_text(entry + changelog.read_text())
 
 
-def build_package(source_tree: Path, out: Path, logs: Path) -> list[Path]:
-    """dpkg-buildpackage -b in `source_tree`; the .deb files it wrote, moved into `out`."""
+def changelog_head(source_tree: Path) -> tuple[str, str]:
+    """(source package, version) of the newest debian/changelog entry."""
+    first = (source_tree / "debian" / "changelog").read_text().split("\n", 1)[0]
+    match = re.match(r"(\S+) \(([^)]+)\)", first)
+    if match is None:
+        raise BuildError(f"{source_tree / 'debian' / 'changelog'}: cannot read {first!r}")
+    return match.group(1), match.group(2)
+
+
+def upstream_version(version: str) -> str:
+    """`1:0.1.0-1+x` -> `0.1.0`: no epoch, no Debian revision."""
+    without_epoch = version.split(":", 1)[-1]
+    return without_epoch.rsplit("-", 1)[0] if "-" in without_epoch else without_epoch
+
+
+def build_package(source_tree: Path, out: Path, logs: Path, orig: Path | None = None) -> list[Path]:
+    """dpkg-buildpackage (source and binaries, so lintian sees both) in `source_tree`.
+
+    The upstream tarball is `orig` (a PyPI sdist) or, for supervisord-vm, the tree itself with
+    debian/ left out. Everything it writes is moved into `out`; returns the .deb files.
+    """
     parent = source_tree.parent
-    before = set(parent.glob("*.deb"))
+    for leftover in parent.iterdir():  # of an interrupted earlier build
+        if leftover.is_file():
+            leftover.unlink()
+    source, version = changelog_head(source_tree)
+    orig_tarball = parent / f"{source}_{upstream_version(version)}.orig.tar.gz"
+    if orig is None:
+        run(
+            [
+                "tar",
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--exclude",
+                f"{source_tree.name}/debian",
+                "-C",
+                str(parent),
+                "-czf",
+                str(orig_tarball),
+                source_tree.name,
+            ]
+        )
+    else:
+        shutil.copy2(orig, orig_tarball)
     log = logs / f"{source_tree.name}.build.log"
-    run(["dpkg-buildpackage", "-b", "-us", "-uc", "--no-sign"], cwd=source_tree, log=log)
-    debs = sorted(set(parent.glob("*.deb")) - before)
+    run(["dpkg-buildpackage", "-us", "-uc", "--no-sign"], cwd=source_tree, log=log)
+    debs = []
+    for record in sorted(parent.iterdir()):
+        if record.is_file():
+            shutil.move(record, out / record.name)
+            if record.suffix == ".deb":
+                debs.append(out / record.name)
     if not debs:
         raise BuildError(f"{source_tree.name}: dpkg-buildpackage wrote no .deb")
-    moved = []
-    for deb in debs:
-        target = out / deb.name
-        shutil.move(deb, target)
-        moved.append(target)
-    for record in [*parent.glob("*.changes"), *parent.glob("*.buildinfo")]:
-        shutil.move(record, out / record.name)
-    return moved
+    return debs
 
 
 def read_sdist(dep_dir: Path) -> Sdist:
@@ -203,7 +244,7 @@ def fetch_sdist(sdist: Sdist, cache: Path) -> Path:
 
 def recipe_key(dep_dir: Path) -> str:
     """A digest of everything a dependency's build reads from the checkout (sdist line, debian/)."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(RECIPE_FORMAT)
     for path in sorted(dep_dir.rglob("*")):
         if path.is_file() or path.is_symlink():
             digest.update(str(path.relative_to(dep_dir)).encode() + b"\0")
@@ -233,7 +274,7 @@ def build_dependency(dep_dir: Path, work: Path, out: Path, logs: Path) -> list[P
         for stale in cache.parent.glob(f"{dep_dir.name}-*"):
             shutil.rmtree(stale)
         cache.mkdir(parents=True)
-        build_package(unpacked, cache, logs)
+        build_package(unpacked, cache, logs, orig=tarball)
     debs = []
     for built in cache.iterdir():
         shutil.copy2(built, out / built.name)
