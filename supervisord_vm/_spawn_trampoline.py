@@ -42,6 +42,7 @@ JOURNAL_STREAM_ENV = "SVM_JOURNAL_STREAM"
 # ARGV exited (a dead process has no cgroup to look up), such as a failed start's last words.
 JOURNAL_UNIT_ENV = "SVM_JOURNAL_UNIT"
 JOURNAL_STREAM_SOCKET = "/run/systemd/journal/stdout"
+JOURNAL_CONNECT_TIMEOUT = 5.0  # seconds; then that fd stays the parent's
 # machinectl poweroff sends this to the leader (for a container's init: "power off"). QEMU has
 # no handler, so by default it would die at once, like a pulled plug: it ignores it instead.
 MACHINED_POWEROFF_SIGNAL = _signal.SIGRTMIN + 4
@@ -138,10 +139,12 @@ def connect_journal_streams(identifier: str, unit: str = "") -> None:
     for fd, priority in ((1, 6), (2, 4)):
         stream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
+            stream.settimeout(JOURNAL_CONNECT_TIMEOUT)  # a wedged journald delays, never stalls
             stream.connect(JOURNAL_STREAM_SOCKET)
             stream.shutdown(_socket.SHUT_RD)
             # identifier, unit, priority, level prefix, to syslog, to kmsg, to console
             stream.sendall(f"{identifier}\n{unit}\n{priority}\n0\n0\n0\n0\n".encode())
+            stream.settimeout(None)  # blocking again: O_NONBLOCK would go to ARGV with the fd
             os.dup2(stream.fileno(), fd)  # the copy is inheritable
         except OSError:
             pass

@@ -30,8 +30,8 @@ def test_stdout_and_stderr_become_streams_with_a_header(
         if child == 0:  # pragma: no cover - the child
             try:
                 _spawn_trampoline.connect_journal_streams("qemu-web", "svm-web.scope")
-                os.write(1, b"to stdout\n")
-                os.write(2, b"to stderr\n")
+                os.write(1, f"to stdout, blocking {os.get_blocking(1)}\n".encode())
+                os.write(2, f"to stderr, blocking {os.get_blocking(2)}\n".encode())
             finally:
                 os._exit(0)
         received = []
@@ -44,8 +44,8 @@ def test_stdout_and_stderr_become_streams_with_a_header(
                 received.append(b"".join(chunks).decode())
         os.waitpid(child, 0)
     assert received == [
-        "qemu-web\nsvm-web.scope\n6\n0\n0\n0\n0\nto stdout\n",  # info, no level prefixes
-        "qemu-web\nsvm-web.scope\n4\n0\n0\n0\n0\nto stderr\n",  # warning
+        "qemu-web\nsvm-web.scope\n6\n0\n0\n0\n0\nto stdout, blocking True\n",  # info
+        "qemu-web\nsvm-web.scope\n4\n0\n0\n0\n0\nto stderr, blocking True\n",  # warning
     ]
 
 
