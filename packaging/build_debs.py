@@ -206,6 +206,39 @@ def build_package(source_tree: Path, out: Path, logs: Path, orig: Path | None = 
     return debs
 
 
+def unit_file_destination(name: str) -> str | None:
+    """Where the package must have put units/NAME (None: a kind of file debian/rules ignores)."""
+    if name.startswith("org.") and name.endswith(".conf"):
+        return f"usr/share/dbus-1/system.d/{name}"
+    if name.startswith("org.") and name.endswith(".service"):
+        return f"usr/share/dbus-1/system-services/{name}"
+    if name.endswith((".service", ".socket", ".timer", ".path")):
+        return f"lib/systemd/system/{name}"
+    stem, _, kind = name.rpartition(".")
+    return {
+        "sysusers": f"usr/lib/sysusers.d/{stem}.conf",
+        "tmpfiles": f"usr/lib/tmpfiles.d/{stem}.conf",
+        "default": f"etc/default/{stem}",
+    }.get(kind)
+
+
+def check_units_shipped(units: Path, deb: Path) -> None:
+    """Every file in units/ is in the package: a new kind of file must not be left out silently."""
+    contents = {
+        line.split()[-1].removeprefix("./")
+        for line in run(["dpkg-deb", "--contents", str(deb)]).splitlines()
+    }
+    missing = []
+    for unit in sorted(units.iterdir()):
+        destination = unit_file_destination(unit.name)
+        if destination is None or destination not in contents:
+            missing.append(f"units/{unit.name} -> {destination or '(no rule)'}")
+    if missing:
+        raise BuildError(
+            f"{deb.name} lacks files of units/ (add them to debian/rules): {', '.join(missing)}"
+        )
+
+
 def read_sdist(dep_dir: Path) -> Sdist:
     for line in (dep_dir / "sdist").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -403,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         copy_tree(CHECKOUT, source_files(CHECKOUT), source_tree)
         if args.version:
             set_version(source_tree, args.version)
-        debs += build_package(source_tree, out, logs)
+        main_debs = build_package(source_tree, out, logs)
+        check_units_shipped(source_tree / "units", main_debs[0])
+        debs += main_debs
         print(f"build-debs: supervisord-vm at {time.monotonic() - started:.0f} s", flush=True)
         if not args.no_lintian:
             report = lintian(sorted(out.glob("*.changes")), work / "lintian.txt")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -67,3 +69,35 @@ def test_changelog_entry_for_an_upgrade_build_goes_on_top(tmp_path: Path) -> Non
     build_debs.set_version(tmp_path, "0.1.0-1+upgrade1")
     assert build_debs.changelog_head(tmp_path) == ("supervisord-vm", "0.1.0-1+upgrade1")
     assert (tmp_path / "debian" / "changelog").read_text().endswith(original)
+
+
+def test_every_runtime_dependency_maps_to_a_debian_package() -> None:
+    """dh_python3 guesses a name for an unmapped requirement, which then no apt source has."""
+    project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
+    overrides = {
+        line.split()[0]
+        for line in (CHECKOUT / "debian" / "py3dist-overrides").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for requirement in project["dependencies"]:
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        assert name in overrides, f"{name}: add it to debian/py3dist-overrides"
+
+
+@pytest.mark.parametrize(
+    ("unit", "destination"),
+    [
+        ("supervisord-vm.service", "lib/systemd/system/supervisord-vm.service"),
+        (
+            "org.supervisordvm1.service",
+            "usr/share/dbus-1/system-services/org.supervisordvm1.service",
+        ),
+        ("org.supervisordvm1.conf", "usr/share/dbus-1/system.d/org.supervisordvm1.conf"),
+        ("supervisord-vm.sysusers", "usr/lib/sysusers.d/supervisord-vm.conf"),
+        ("supervisord-vm.tmpfiles", "usr/lib/tmpfiles.d/supervisord-vm.conf"),
+        ("supervisord-vm.default", "etc/default/supervisord-vm"),
+        ("supervisord-vm.apparmor", None),
+    ],
+)
+def test_unit_files_have_a_place_in_the_package(unit: str, destination: str | None) -> None:
+    assert build_debs.unit_file_destination(unit) == destination
