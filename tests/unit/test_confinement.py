@@ -16,7 +16,14 @@ from typing import cast
 
 import pytest
 
-from supervisord_vm import _spawn_trampoline, confined_launch, confinement, daemon, disk_access
+from supervisord_vm import (
+    _spawn_trampoline,
+    confined_launch,
+    confinement,
+    daemon,
+    disk_access,
+    launch,
+)
 from supervisord_vm.definition import Definition, Disk
 from supervisord_vm.disk_access import Credentials, OwnerStore
 from supervisord_vm.errors import DiskAccessDenied
@@ -276,3 +283,9 @@ def test_a_file_that_left_the_image_dirs_is_refused(tmp_path: Path) -> None:
         disk_access._open_in_image_dirs(str(outside), False)
     (images / "in.img").write_bytes(b"")
     os.close(disk_access._open_in_image_dirs(str(images / "in.img"), True))
+
+
+def test_a_program_qemus_user_may_not_run_is_said_so() -> None:
+    message = launch.exec_problem("/root/qemu", PermissionError(13, "Permission denied"), "svq")
+    assert message.startswith("QEMU binary /root/qemu cannot be executed by user svq, whom QEMU")
+    assert "every directory above it must be accessible to that user" in message
