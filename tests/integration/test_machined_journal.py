@@ -223,6 +223,7 @@ def test_unit_journal_has_the_daemons_entries_and_qemus_output(vm: Callable[...,
     assert "VM mjlog started: pid " + str(pid) in story
     assert GUEST_MESSAGE in story
     assert any(m.startswith("VM mjlog stopped (destroyed)") for m in story)
+    assert "start mjlog by uid 0" in "\n".join(story)  # the audit record of the request, too
     assert story.index("VM mjlog started: pid " + str(pid)) < story.index(GUEST_MESSAGE)
     shown = svm("log", name)
     assert shown.returncode == 0, shown.stderr
