@@ -45,6 +45,10 @@ NAME_MAX = 64  # HOST_NAME_MAX
 # One registration (at most five calls) may take this long; machined answers in about a
 # millisecond, so only a wedged machined reaches it, and a start waits no longer than this.
 REGISTER_TIMEOUT = 5.0
+# After a registration timed out, machined is left alone this long: hundreds of VMs reattached
+# at a daemon's start-up must not each wait REGISTER_TIMEOUT for a wedged machined (start-up
+# would outlast the unit's start timeout). VMs started meanwhile run unregistered.
+UNANSWERED_PAUSE = 60.0
 # VM names whose problem was said: bounded, since transient VMs may come and go for ever.
 REPORTED_MAX = 1024
 
@@ -101,6 +105,7 @@ class Machined:
         self._systemd = systemd
         self._reported: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._unavailable_said = False
+        self._paused_until = 0.0  # loop time until which machined is not asked (it hung)
 
     async def register(self, name: str, unit: str, leader: int) -> bool:
         """Make machined list VM NAME (QEMU = LEADER, running in scope UNIT); True if it is.
@@ -112,11 +117,20 @@ class Machined:
         if problem is not None:
             self._say_once(name, f"its name {problem}")
             return False
+        now = asyncio.get_running_loop().time()
+        if now < self._paused_until:
+            self._say_once(name, "systemd-machined did not answer a moment ago")
+            return False
         try:
             async with asyncio.timeout(REGISTER_TIMEOUT):
                 await self._register(name, unit, leader)
         except TimeoutError:
-            self._say_once(name, f"systemd-machined did not answer within {REGISTER_TIMEOUT:g} s")
+            self._paused_until = asyncio.get_running_loop().time() + UNANSWERED_PAUSE
+            self._say_once(
+                name,
+                f"systemd-machined did not answer within {REGISTER_TIMEOUT:g} s (VMs started "
+                f"in the next {UNANSWERED_PAUSE:g} s are not registered either)",
+            )
             return False
         except Unavailable as err:
             if not self._unavailable_said:
