@@ -202,7 +202,10 @@ class LogWriter:
         self.failed = False
 
     def schedule(self) -> None:
-        """There is new output: write it soon (FLUSH_DELAY gathers a burst into one write)."""
+        """There is new output: write it soon (FLUSH_DELAY gathers a burst into one write), at
+        once when half the scrollback waits already (a fast guest must not outrun the log)."""
+        if self._scrollback.total - self._position >= self._scrollback.capacity // 2:
+            self._hurry.set()
         if self._task is None:
             self._idle.clear()
             self._task = asyncio.get_running_loop().create_task(
