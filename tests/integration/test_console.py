@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import select
 import signal
 import subprocess
@@ -167,6 +168,13 @@ def test_the_guests_output_reaches_svmctl_console_and_its_log(
     chardev = next(arg for arg in cmdline if arg.startswith(b"socket,id=serial0,"))
     fd = int(chardev.split(b"fd=")[1].split(b",")[0])
     assert Path(f"/proc/{pid}/fd/{fd}").readlink().name.startswith("socket:")
+    # ... which is why the console works with QEMU unprivileged (the default).
+    uids = next(
+        line
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Uid:")
+    )
+    assert uids.split()[1:] != ["0", "0", "0", "0"], uids
     assert (RUNTIME / f"{name}.console").is_socket()
     # What it wrote while nobody was attached is in the log (the daemon reads from the start).
     logged = wait_logged(name, BANNER)
@@ -324,6 +332,19 @@ def test_a_member_may_attach(
     assert session.detach()[0] == 0
     result = svm("console", "--log", name, user=MEMBER)
     assert result.returncode == 0 and BANNER.decode() in result.stdout
+    # Attaching is audited with who did it.
+    audit = sh(
+        "journalctl",
+        "-u",
+        "supervisord-vm",
+        "--no-pager",
+        "-o",
+        "json",
+        f"VM_NAME={name}",
+        "VM_OPERATION=open-console",
+    ).stdout.splitlines()
+    uids = {json.loads(line).get("CALLER_UID") for line in audit}
+    assert str(pwd.getpwnam(MEMBER).pw_uid) in uids, audit
 
 
 def test_svmctl_restores_itself_when_killed(
