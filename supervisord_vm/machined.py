@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import uuid
 from typing import Any
 
 from sdbus.sd_bus_internals import SdBusBaseError
 
 from supervisord_vm.systemd import Systemd, error_name
+from supervisord_vm.unitname import machine_uuid as machine_uuid  # noqa: PLC0414 - API
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,6 @@ _UNAVAILABLE_PREFIXES = (
 )
 _NO_MACHINE_FOR_PID = "org.freedesktop.machine1.NoMachineForPID"
 _MACHINE_EXISTS = "org.freedesktop.machine1.MachineExists"
-
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.machine")
-
-
-def machine_uuid(name: str) -> uuid.UUID:
-    """The VM's stable UUID, derived from its name (machined's Id; `machinectl status` shows it)."""
-    return uuid.uuid5(_UUID_NAMESPACE, name)
 
 
 def name_problem(name: str) -> str | None:

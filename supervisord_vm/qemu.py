@@ -40,6 +40,7 @@ from supervisord_vm.errors import QmpDisconnected, QmpError, QmpTimeout
 from supervisord_vm.firmware import firmware_args
 from supervisord_vm.inotify import libc as _libc  # looked up once: it forks ldconfig
 from supervisord_vm.network import nic_argv
+from supervisord_vm.unitname import machine_uuid
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ def build_argv(
         defn.qemu,
         "-name",
         f"guest={qemu_option_value(defn.name)},debug-threads=on",
+        "-uuid",
+        str(machine_uuid(defn.name)),
         "-nodefaults",
         "-no-user-config",
         "-display",

@@ -1,6 +1,9 @@
-"""Scope unit names for VMs, escaped exactly as ``systemd-escape`` does (pure, no systemd)."""
+"""Scope unit names for VMs, escaped exactly as ``systemd-escape`` does, and the VM's UUID
+(pure, no systemd)."""
 
 from __future__ import annotations
+
+import uuid
 
 UNIT_NAME_MAX = 255  # systemd refuses longer unit names (UNIT_NAME_MAX 256 includes the NUL)
 
@@ -25,3 +28,12 @@ def escape_name(name: str) -> str:
 def scope_name(vm_name: str) -> str:
     """The VM's scope unit; a name still loaded in systemd cannot be reused (UnitExists)."""
     return f"svm-{escape_name(vm_name)}.scope"
+
+
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "org.supervisordvm1.machine")
+
+
+def machine_uuid(name: str) -> uuid.UUID:
+    """The VM's stable UUID, derived from its name: machined's Id and the guest's SMBIOS UUID
+    (QEMU's -uuid), so that `machinectl status` and `dmidecode` in the guest agree."""
+    return uuid.uuid5(_UUID_NAMESPACE, name)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from supervisord_vm.definition import Definition, Disk
 from supervisord_vm.qemu import build_argv, drive_option, qemu_option_value
+from supervisord_vm.unitname import machine_uuid
 from tests.guests import acpi_guest_image, deaf_guest_image
 
 SOCKET = Path("/run/supervisord-vm/web1.qmp")
@@ -15,6 +16,8 @@ def test_minimal_definition_gives_the_agreed_order() -> None:
         "/usr/bin/qemu-system-x86_64",
         "-name",
         "guest=web1,debug-threads=on",
+        "-uuid",
+        str(machine_uuid("web1")),
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -33,6 +36,15 @@ def test_minimal_definition_gives_the_agreed_order() -> None:
         "-smp",
         "1",
     ]
+
+
+def test_guest_uuid_is_machineds_id_and_stable() -> None:
+    argv = build_argv(Definition(name="web1"), SOCKET)
+    # Pinned: a guest keys licences and cloud-init state on its SMBIOS UUID; it must never change.
+    assert argv[argv.index("-uuid") + 1] == "3c35b3f7-bdf4-5fad-97bf-72399c9cbe55"
+    assert str(machine_uuid("web1")) == "3c35b3f7-bdf4-5fad-97bf-72399c9cbe55"
+    other = build_argv(Definition(name="web2"), SOCKET)
+    assert other[other.index("-uuid") + 1] != argv[argv.index("-uuid") + 1]
 
 
 def test_accelerators_repeat_in_preference_order() -> None:
