@@ -420,6 +420,8 @@ class Console:
         if not self.connected:
             raise ConsoleUnavailable(f"VM {self.name}'s serial console is not connected")
         current = self._client
+        if current is not None and current.transport is not None and current.transport.is_closing():
+            current = self._client = None  # detached already; only its last bytes are left
         if current is not None:
             if not force:
                 raise ConsoleBusy(
