@@ -204,9 +204,10 @@ async def test_output_from_before_qemu_accepts_is_recorded_and_relayed(
     qemu_copy = socket.dup(prepared.listen_fd)
     await manager.started("vm", prepared)
     serial = await accept_as_qemu(qemu_copy)
+    before = manager._consoles["vm"].scrollback.total
     serial.writer.write(b"booting\r\n")
     await serial.writer.drain()
-    await recorded(manager, "vm", manager._consoles["vm"].scrollback.total + 9)
+    await recorded(manager, "vm", before + 9)
     client = await manager.open("vm", Caller(1000, 42), force=False)
     reader, writer = await client_streams(client)
     serial.writer.write(b"login: ")
@@ -409,3 +410,21 @@ async def test_sweep_removes_the_sockets_of_vms_that_do_not_run(manager: Console
     (runtime / "gone.json").touch()  # not a console socket: not the sweep's business
     await manager.sweep(keep={"running"})
     assert sorted(p.name for p in runtime.iterdir()) == ["gone.json", "running.console"]
+
+
+async def test_output_is_read_from_memory_when_the_log_cannot_be_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "log").write_text("a file where the log directory should be")
+    consoles = ConsoleManager(Paths(runtime_dir=tmp_path / "run", log_dir=tmp_path / "log"))
+    try:
+        serial = await start_console(consoles)
+        before = consoles._consoles["vm"].scrollback.total
+        serial.writer.write(b"kept in memory\n")
+        await serial.writer.drain()
+        await recorded(consoles, "vm", before + 15)
+        assert (await consoles.read_log("vm", 1000)).endswith(b"kept in memory\n")
+        assert "cannot write its console log" in caplog.text
+        serial.writer.close()
+    finally:
+        await consoles.close()
