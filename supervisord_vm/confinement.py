@@ -243,3 +243,21 @@ def remove_qemu_runtime_dir(runtime_dir: Path, name: str) -> None:
     shutil.rmtree(parent / validate_name(name), ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty (another VM runs), or already gone
         parent.rmdir()
+
+
+def sweep_runtime(runtime_dir: Path, keep: set[str]) -> None:
+    """Remove the monitor sockets and QEMU directories of VMs not in `keep` (at start-up).
+
+    The daemon binds each monitor socket itself, so QEMU no longer unlinks it when it exits: a
+    VM that ended without a runtime record (an orphan scope stopped at start-up) would leave it.
+    """
+    for path in runtime_dir.glob("*.qmp") if runtime_dir.is_dir() else []:
+        name = path.name.removesuffix(".qmp")
+        if name not in keep and not (runtime_dir / f"{name}.json").exists():
+            path.unlink(missing_ok=True)
+    qemu_dir = runtime_dir / "qemu"
+    for path in list(qemu_dir.iterdir()) if qemu_dir.is_dir() else []:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        qemu_dir.rmdir()  # only when no VM has one any more

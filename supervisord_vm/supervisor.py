@@ -31,6 +31,7 @@ from supervisord_vm import (
     reattach,
     resources,
 )
+from supervisord_vm.confinement import sweep_runtime
 from supervisord_vm.console import TAIL_LIMIT as CONSOLE_TAIL_LIMIT
 from supervisord_vm.console import ConsoleManager, last_lines
 from supervisord_vm.definition import (
@@ -237,6 +238,8 @@ class Supervisor:
         # Console sockets of VMs that run no more (an orphan scope stopped, a record lost).
         running = {name for name, m in self._machines.items() if m.state is not State.SHUTOFF}
         await self._consoles.sweep(keep=running)
+        # Monitor sockets and QEMU directories the daemon made for VMs that run no more.
+        await asyncio.to_thread(sweep_runtime, self.paths.runtime_dir, running)
 
     async def _reattach_scope(self, unit: str, status: UnitStatus, machine: Machine | None) -> None:
         """A scope with no runtime record: adopt its QEMU, settle it, or stop an orphan."""

@@ -140,6 +140,15 @@ async def check(env: Env, supervisor: Supervisor) -> list[str]:
             problems.append(f"VM {name} listed {info.state} but QEMU's status is {cpus!r}")
     runtime = env.paths.runtime_dir
     files = {p.name for p in runtime.iterdir()} if runtime.exists() else set()
+    # A live VM may also have its console socket (console.py) and its QEMU directory
+    # qemu/NAME (confinement.py; `qemu` goes with the last of them): whether they exist yet
+    # depends on where the start was cut off, but no VM that is not live keeps them.
+    live = {name for name, info in machines.items() if info.state is not State.SHUTOFF}
+    optional = {f"{name}.console" for name in live}
+    qemu_dirs = {p.name for p in (runtime / "qemu").iterdir()} if "qemu" in files else set()
+    if "qemu" in files and (not qemu_dirs or not qemu_dirs <= live):
+        problems.append(f"QEMU directories {sorted(qemu_dirs)}, VMs live: {sorted(live)}")
+    files -= optional | {"qemu"}
     if files != expected_files:
         problems.append(f"runtime files {sorted(files)}, expected {sorted(expected_files)}")
     failed = await failed_units()

@@ -76,6 +76,7 @@ DOCUMENTED = {
         "InvalidDefinition",
         "InvalidArgument",
         "AccessDenied",
+        "DiskAccessDenied",  # a member's disk outside the image dirs they cannot open
         "StartFailed",
         "SystemdError",
         "QmpError",
