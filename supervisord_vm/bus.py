@@ -370,6 +370,21 @@ class _Service:
             text = "".join(text.splitlines(keepends=True)[-lines:])
         return text
 
+    async def console_fd(self, name: str, flags: int) -> int:
+        """VM ``name``'s console for the caller, as the descriptor the reply carries."""
+
+        async def run(caller: Caller) -> socket.socket:
+            if flags & ~CONSOLE_FORCE:
+                raise InvalidArgumentError(f"unknown console flags {flags:#x} (1 = force)")
+            return await self.supervisor.open_console(name, bool(flags & CONSOLE_FORCE), caller)
+
+        fd = (await self.change("OpenConsole", name, run)).detach()
+        # sd-bus duplicates the descriptor into the reply, which sdbus builds as soon as the
+        # handler returns, in the same step of its task; the daemon's copy is closed right
+        # after, so the client's end is the only one left and its close reaches the relay.
+        asyncio.get_running_loop().call_soon(os.close, fd)
+        return fd
+
 
 # --- the per-VM object ------------------------------------------------------------------------
 
@@ -565,6 +580,17 @@ class MachineObject(DbusInterfaceCommonAsync, interface_name=MACHINE_INTERFACE):
     async def get_definition(self) -> str:
         name = self._info.name
         return await self._service.read(lambda: self._service.supervisor.definition_toml(name))
+
+    @dbus_method_async(
+        result_signature="h",
+        method_name="OpenConsole",
+        flags=DbusUnprivilegedFlag,
+        result_args_names=("fd",),
+    )
+    async def open_console(self) -> int:
+        """The VM's serial console as a socket, like machined's Machine.OpenPTY (the Manager's
+        OpenConsole for this VM)."""
+        return await self._service.console_fd(self._info.name, 0)
 
     @dbus_method_async(
         result_signature="a{sv}",
@@ -812,17 +838,7 @@ class ManagerObject(DbusObjectManagerInterfaceAsync, interface_name=MANAGER_INTE
         return await self._open_console(name, flags)
 
     async def _open_console(self, name: str, flags: int) -> int:
-        async def run(caller: Caller) -> socket.socket:
-            if flags & ~CONSOLE_FORCE:
-                raise InvalidArgumentError(f"unknown console flags {flags:#x} (1 = force)")
-            return await self._sup.open_console(name, bool(flags & CONSOLE_FORCE), caller)
-
-        fd = (await self._operation("OpenConsole", name, run)).detach()
-        # sd-bus duplicates the descriptor into the reply, which sdbus builds as soon as this
-        # handler returns, in the same step of its task; the daemon's copy is closed right
-        # after, so the client's end is the only one left and its close reaches the relay.
-        asyncio.get_running_loop().call_soon(os.close, fd)
-        return fd
+        return await self._service.console_fd(name, flags)
 
     @dbus_method_async(
         "su",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisord_vm.api import MACHINE_INTERFACE, machine_path
 from tests.guests import write_serial_guest
 from tests.integration.test_service import (
     IMAGES,
@@ -151,6 +152,13 @@ def wait_logged(name: str, marker: bytes, after: int = 0) -> bytes:
     return logged
 
 
+def machine_call(name: str, method: str) -> subprocess.CompletedProcess[str]:
+    """A call on the VM's own object, the way a management tool would make it."""
+    argv = ["gdbus", "call", "--system", "--dest", "org.supervisordvm1"]
+    argv += ["--object-path", machine_path(name), "--method", f"{MACHINE_INTERFACE}.{method}"]
+    return sh(*argv)
+
+
 def daemon_fds() -> int:
     return len(list(Path(f"/proc/{main_pid()}/fd").iterdir()))
 
@@ -254,12 +262,17 @@ def test_one_client_at_a_time_unless_forced(
     busy = svm("console", name)
     assert busy.returncode == 3, busy.stderr
     assert "is in use by another client (uid 0, pid " in busy.stderr
+    # The VM's own object (like machined's Machine.OpenPTY) opens the same console.
+    on_object = machine_call(name, "OpenConsole")
+    assert "org.supervisordvm1.Error.Busy" in on_object.stderr, on_object.stderr
     forced = attach(name, "--force")
     forced.send(b"two\r")
     forced.expect(b"TWO\r")
     code, err = first.finish()
     assert code == 0 and b"console taken over by uid 0" in first.output, err
     assert forced.detach()[0] == 0
+    free = machine_call(name, "OpenConsole")  # gdbus takes the descriptor and exits
+    assert free.returncode == 0 and "handle" in free.stdout, free.stderr
 
 
 def test_attaching_leaks_no_descriptor_in_the_daemon(
