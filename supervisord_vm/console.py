@@ -457,13 +457,20 @@ class Console:
                 await self._closed.wait()
         return self._closed.is_set()
 
-    async def close(self) -> None:
-        """Let go of QEMU and the client; write what is left of the log (bounded)."""
+    def disconnect(self) -> None:
+        """Let go of QEMU and the client (the log is still being written)."""
         if self._client is not None:
             self._client.disconnect()
         if self._qemu is not None:
             self._qemu.abort()  # input a guest has not read goes: it may never read it
         self._closed.set()
+
+    async def close(self) -> None:
+        """Let go of QEMU and the client; write what is left of the log (bounded)."""
+        self.disconnect()
+        await self.log_written()
+
+    async def log_written(self) -> None:
         if not await self.log.wait_idle(SETTLE_TIMEOUT):
             log.warning(
                 "VM %s: the end of its console output may be missing from the log", self.name
@@ -500,6 +507,7 @@ class ConsoleManager:
         self.paths = paths
         self.log_limit = log_limit
         self._consoles: dict[str, Console] = {}
+        self._detached: list[Console] = []  # their last output still to be logged
 
     def prepare(self, name: str) -> PreparedConsole:
         """Bind VM `name`'s console socket and connect to it, before QEMU exists.
@@ -615,15 +623,20 @@ class ConsoleManager:
                 path.unlink()
 
     async def detach(self, name: str) -> None:
-        """The daemon lets go of a VM that keeps running: close, keep the socket for the next
-        daemon to reconnect to."""
+        """The daemon lets go of a VM that keeps running: disconnect, keep the socket for the
+        next daemon to reconnect to. The log's last write is waited for by close()."""
         console = self._consoles.pop(name, None)
         if console is not None:
-            await console.close()
+            console.disconnect()
+            self._detached.append(console)
 
     async def close(self) -> None:
+        """Let go of every console; wait for their logs together, once bounded (a disk that
+        hangs must not hold a daemon's stop for SETTLE_TIMEOUT per VM)."""
         for name in list(self._consoles):
             await self.detach(name)
+        detached, self._detached = self._detached, []
+        await asyncio.gather(*(console.log_written() for console in detached))
 
 
 def _now() -> str:

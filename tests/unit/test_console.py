@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,3 +429,34 @@ async def test_output_is_read_from_memory_when_the_log_cannot_be_written(
         serial.writer.close()
     finally:
         await consoles.close()
+
+
+async def test_letting_go_of_many_consoles_waits_for_a_hung_disk_once(
+    manager: ConsoleManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waits for the logs run together (one bound for all, not one per VM)."""
+    release = threading.Event()
+    monkeypatch.setattr(console, "append_log", lambda *_args: release.wait(WAIT))
+    monkeypatch.setattr(console, "SETTLE_TIMEOUT", 0.2)
+    waiting: list[int] = []
+    most = 0
+    real_wait_idle = console.LogWriter.wait_idle
+
+    async def wait_idle(writer: console.LogWriter, timeout: float) -> bool:  # noqa: ASYNC109
+        nonlocal most
+        waiting.append(1)
+        most = max(most, len(waiting))
+        try:
+            return await real_wait_idle(writer, timeout)
+        finally:
+            waiting.pop()
+
+    monkeypatch.setattr(console.LogWriter, "wait_idle", wait_idle)
+    serials = [await start_console(manager, f"vm{index}") for index in range(4)]
+    try:
+        await manager.close()  # every writer is stuck in the disk
+        assert most == 4
+    finally:
+        release.set()
+        for serial in serials:
+            serial.writer.close()
