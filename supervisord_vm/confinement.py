@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 QEMU_USER = "supervisord-vm-qemu"
 ADMIN_GROUP = "supervisord-vm"
-# Files QEMU creates (a VNC socket in its runtime directory, whose group is supervisord-vm)
-# are for its owner and that group, never for others.
+# Files QEMU creates (a VNC socket in its runtime directory) are for it and its own group,
+# never for others; the daemon gives such a socket to group supervisord-vm where needed.
 QEMU_UMASK = 0o007
 DEFAULT_IMAGE_DIRS = (Path("/var/lib/supervisord-vm/images"),)
 # QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler or
