@@ -1,8 +1,9 @@
 """Every VM's serial console, whose other end the daemon keeps: recorded and relayed.
 
-QEMU's first serial port is a socket chardev on a listening unix socket the daemon binds in its
-0700 runtime directory and hands over as an open descriptor (`-chardev socket,fd=N,server=on`,
-as libvirt passes its monitor socket), so it works whatever user QEMU runs as. The daemon is that
+QEMU's first serial port is a socket chardev on a listening unix socket the daemon binds (0600,
+root only, in its runtime directory) and hands over as an open descriptor (`-chardev
+socket,fd=N,server=on`, as libvirt passes its monitor socket), so it works whatever user QEMU
+runs as. The daemon is that
 socket's client for the VM's whole life (it connects even before QEMU runs, so no output from
 the first instruction on is missed) and reconnects after its own restart. What the guest
 writes goes into a bounded in-memory scrollback and, written behind in a worker thread, into a
@@ -70,7 +71,7 @@ class ConsoleUnavailable(SvmError):
 
 
 def socket_path(paths: Paths, name: str) -> Path:
-    """The console's listening socket: in the daemon's 0700 runtime directory, root only."""
+    """The console's listening socket, in the daemon's runtime directory (0600: root only)."""
     return paths.runtime_dir / f"{validate_name(name)}.console"
 
 
