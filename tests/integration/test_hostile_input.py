@@ -77,6 +77,7 @@ DOCUMENTED = {
         "InvalidArgument",
         "AccessDenied",
         "DiskAccessDenied",  # a member's disk outside the image dirs they cannot open
+        "ConsoleUnavailable",  # a running VM whose serial console the daemon does not hold
         "StartFailed",
         "SystemdError",
         "QmpError",
@@ -119,6 +120,9 @@ MANAGER_METHODS: dict[str, str] = {
     "ShutdownAll": "du",
     "GetEvents": "s",
     "GetLog": "su",
+    "OpenConsole": "s",
+    "OpenConsoleWithFlags": "st",
+    "GetConsoleLog": "su",
 }
 MACHINE_METHODS: dict[str, str] = {
     "Start": "",
@@ -130,6 +134,8 @@ MACHINE_METHODS: dict[str, str] = {
     "Pause": "",
     "Resume": "",
     "GetDefinition": "",
+    "OpenConsole": "",
+    "GetResources": "",
 }
 # How often each method is drawn: the ones that start, stop and drive VMs most, the ones that
 # sweep everything away (ShutdownAll, Undefine, Reload) rarely, so the run stays deep in the
@@ -153,9 +159,12 @@ MANAGER_WEIGHTS = {
     "ShutdownAll": 1,
     "GetEvents": 2,
     "GetLog": 2,
+    "OpenConsole": 2,
+    "OpenConsoleWithFlags": 1,
+    "GetConsoleLog": 2,
 }
 MACHINE_WEIGHTS = {method: 4 if method == "Start" else 2 for method in MACHINE_METHODS}
-READ_ONLY = {"ListMachines", "GetMachine", "GetDefinition", "GetEvents"}
+READ_ONLY = {"ListMachines", "GetMachine", "GetDefinition", "GetEvents", "GetResources"}
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
@@ -283,8 +292,10 @@ def typed_args(method: str, rng: random.Random, machine: bool) -> list[Any]:
         return [*name, hostile_signal(rng)]
     if method == "ShutdownAll":
         return [hostile_timeout(rng, zero_ok=True), hostile_uint(rng)]
-    if method == "GetLog":
+    if method in ("GetLog", "GetConsoleLog"):
         return [*name, hostile_uint(rng)]
+    if method == "OpenConsoleWithFlags":
+        return [*name, rng.choice([0, 1, 2, 2**63, 2**64 - 1])]
     if method in ("GetEvents",) and rng.random() < 0.3:
         return [""]
     return name

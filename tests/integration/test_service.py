@@ -171,6 +171,8 @@ def test_every_command_has_help(service: None) -> None:
         "log",
         "reload",
         "shutdown-all",
+        "console",
+        "display",
     ]
     for command in commands:
         result = svm(command, "--help")
