@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import os
 import pwd
@@ -225,6 +226,16 @@ def _open_in_image_dirs(path: str, write: bool) -> int:
         os.close(pinned)
 
 
+# sys._base_executable: the interpreter a venv was made from (sys.executable outside a venv).
+_HELPER_PYTHON: str = getattr(sys, "_base_executable", "") or sys.executable
+
+
+@functools.cache
+def _helper_source() -> str:
+    """_open_as.py's text, read once by the daemon (as root)."""
+    return Path(_open_as.__file__).read_text(encoding="utf-8")
+
+
 async def open_as(creds: Credentials, requests: Sequence[tuple[str, bool]]) -> list[int | str]:
     """Open each (path, write) with `creds`' own rights: a descriptor, or why not (words).
 
@@ -240,9 +251,10 @@ def _open_as_blocking(creds: Credentials, requests: list[tuple[str, bool]]) -> l
     results: list[int | str] = []
     with parent:
         try:
-            # The interpreter must be one the caller may execute: the daemon's own is (Debian's
-            # python3 under the service's venv).
-            argv = [sys.executable, "-I", "-S", _open_as.__file__, str(child.fileno())]
+            # The caller must be able to run the interpreter and the script: the base python3
+            # of the daemon's venv is world-executable, the script goes in as `-c` source (the
+            # daemon's own files may sit in a directory only root can enter, like /root).
+            argv = [_HELPER_PYTHON, "-I", "-S", "-c", _helper_source(), str(child.fileno())]
             for path, write in requests:
                 argv += ["w" if write else "r", path]
             helper = subprocess.Popen(
