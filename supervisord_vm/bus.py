@@ -20,6 +20,7 @@ import pwd
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdbus import (
@@ -221,6 +222,15 @@ def _user_groups(uid: int) -> set[int]:
     return {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
 
 
+# Authorization's own threads: a refusal must stay quick however busy the shared pool is with
+# slow jobs of VMs (a hostile client's failed starts each read the journal for seconds).
+_AUTH_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="svm-auth")
+
+
+async def _in_auth_thread(function: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_AUTH_THREADS, function, *args)
+
+
 class Authorizer:
     """Decides who may change things: root and members of group supervisord-vm.
 
@@ -259,11 +269,11 @@ class Authorizer:
         """
         if caller.uid == 0:
             return True
-        gid = await asyncio.to_thread(_admin_gid)
+        gid = await _in_auth_thread(_admin_gid)
         if gid is None:
             return False
         if groups is None:
-            groups = await asyncio.to_thread(_user_groups, caller.uid)
+            groups = await _in_auth_thread(_user_groups, caller.uid)
         return gid in groups
 
 
@@ -337,7 +347,7 @@ class _Service:
         """
         caller, groups = await _translated(self.authorizer.caller())
         if not await _translated(self.authorizer.allowed(caller, groups)):
-            await asyncio.to_thread(audit, caller, operation, target, "denied")
+            await _in_auth_thread(audit, caller, operation, target, "denied")
             raise AccessDeniedError(
                 f"permission denied: {operation} needs root or membership in group "
                 f"{ADMIN_GROUP} (caller uid {caller.uid})"
@@ -347,7 +357,7 @@ class _Service:
         except asyncio.CancelledError:
             raise
         except InvalidArgumentError as exc:
-            await asyncio.to_thread(audit, caller, operation, target, f"InvalidArgument: {exc}")
+            await _in_auth_thread(audit, caller, operation, target, f"InvalidArgument: {exc}")
             raise
         except Exception as exc:
             raise to_bus_error(exc) from exc

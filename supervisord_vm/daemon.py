@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TextIO, TypeVar
 
@@ -50,6 +51,7 @@ LOCK_NAME = "supervisord-vm.lock"
 EXIT_ALREADY_RUNNING = 3  # an LSB "not running"-style code; Restart=on-failure would retry
 EXIT_CONNECTION_LOST = 75  # EX_TEMPFAIL: restart me (Restart=on-failure) and I reattach
 LOST_EXIT_DEADLINE = 10.0  # seconds the clean exit path may take after a lost connection
+IO_THREADS = 32  # worker threads for blocking calls (file, netlink, journal, user database)
 # Seconds start-up waits for the bus and systemd before it exits to be restarted. Short on
 # purpose: when dbus.service hits its own start limit, systemd 252 fails dbus.socket too
 # ('service-start-limit-hit') and only a new start job of this unit (Requires=dbus.socket)
@@ -491,6 +493,13 @@ def main(argv: list[str] | None = None) -> int:
             daemon = Daemon(paths, args.slice, args.log_max_size)
 
             async def run() -> None:
+                # The default pool would be cpu_count + 4 threads: on a 2-core host six slow
+                # blocking jobs (a journal read after a failed start, netlink, a stat on a hung
+                # NFS image) would hold every other caller's short job behind them.
+                asyncio.get_running_loop().set_default_executor(
+                    ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="svm-io")
+                )
+
                 async def open_bus() -> SdBus:
                     return sd_bus_open_system()
 
