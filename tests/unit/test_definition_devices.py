@@ -3,6 +3,8 @@ error for each kind of bad value (pure, no disk)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from supervisord_vm.definition import Definition, definition_to_toml, nic_mac, parse_definition
@@ -136,3 +138,14 @@ def test_sizes_take_systemd_suffixes_in_powers_of_1024() -> None:
 def test_many_nics_are_bounded() -> None:
     body = '[[nics]]\ntype = "user"\n' * 33
     assert "at most 32 NICs" in error_of(body)
+
+
+def test_the_shipped_examples_and_the_readmes_web_server_are_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for example in sorted((root / "examples").glob("*.toml")):
+        parse_definition(example.read_text(encoding="utf-8"), example.name)
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Example: a web server VM", 1)[1]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    defn = parse_definition(text, "README")
+    assert defn.firmware == "uefi" and defn.display == "vnc" and defn.nics[0].type == "bridge"
