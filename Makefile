@@ -144,11 +144,16 @@ install:
 
 # Stops the daemon (VMs keep running in their scopes) and removes what install put in place;
 # definitions (/etc/supervisord-vm), state and logs stay, like `apt remove` without purge.
+# The guests unit is stopped without its ExecStop (a runtime drop-in empties it): that would
+# shut the VMs down, and stopped after its svmctl was removed it would end `failed`.
+GUESTS_DROPIN_DIR := /run/systemd/system/supervisord-vm-guests.service.d
 uninstall:
 	if [ -z "$(DESTDIR)" ] && $(SYSTEMD_RUNNING); then \
 		systemctl disable --quiet supervisord-vm-guests.service supervisord-vm.service 2>/dev/null; \
-		systemctl stop supervisord-vm.service 2>/dev/null; \
-		systemctl stop --no-block --job-mode=replace-irreversibly supervisord-vm-guests.service 2>/dev/null; \
+		mkdir -p $(GUESTS_DROPIN_DIR) && printf '[Service]\nExecStop=\n' > $(GUESTS_DROPIN_DIR)/uninstall.conf && \
+		systemctl daemon-reload && \
+		systemctl stop supervisord-vm-guests.service supervisord-vm.service 2>/dev/null; \
+		rm -rf $(GUESTS_DROPIN_DIR); \
 		true; \
 	fi
 	rm -f $(DESTDIR)$(BINDIR)/svmctl $(DESTDIR)$(BINDIR)/supervisord-vm \

@@ -245,9 +245,24 @@ def services_may_start() -> Iterator[None]:
             aside.rename(POLICY_RC_D)
 
 
+def group_members(group: str) -> list[str]:
+    entry = sh("getent", "group", group).stdout.strip()
+    return [m for m in entry.split(":")[3].split(",") if m] if entry else []
+
+
+def restore_host(members: list[str]) -> None:
+    """Give later tests the sandbox as they found it: the package's users and groups as the
+    sandbox made them (purge removed them), with the members the group had before."""
+    sh("systemd-sysusers", str(CHECKOUT / "units" / "supervisord-vm.sysusers"))
+    for member in members:
+        if sh("id", member).returncode == 0:
+            sh("usermod", "-a", "-G", "supervisord-vm", member)
+
+
 @pytest.fixture(scope="module")
 def installation() -> Iterator[Installation]:
     ensure_dist()
+    members = group_members("supervisord-vm")
     make_host_plain()
     with (
         services_may_start(),
@@ -259,6 +274,7 @@ def installation() -> Iterator[Installation]:
             yield state
         finally:
             purge_everything()
+            restore_host(members)
 
 
 def test_apt_installs_offline_from_dist_and_starts_the_service(installation: Installation) -> None:
