@@ -29,7 +29,7 @@ from supervisord_vm.definition_devices import (
     resources_toml,
 )
 
-# Part of this module's API: a Definition holds them.
+# Part of this module's API.
 from supervisord_vm.definition_devices import nic_mac as nic_mac  # noqa: PLC0414
 from supervisord_vm.definition_fields import FieldError as _FieldError
 from supervisord_vm.definition_fields import absolute_path as _absolute_path
@@ -38,6 +38,8 @@ from supervisord_vm.definition_fields import int_field as _int
 from supervisord_vm.definition_fields import show as _show
 from supervisord_vm.definition_fields import str_field as _str
 from supervisord_vm.definition_fields import suggest as _suggest
+from supervisord_vm.definition_fields import toml_bool as _toml_bool
+from supervisord_vm.definition_fields import toml_string as toml_string  # noqa: PLC0414 - API
 from supervisord_vm.errors import InvalidDefinition
 from supervisord_vm.unitname import UNIT_NAME_MAX, scope_name
 
@@ -466,40 +468,6 @@ def _check_writable(defn: Definition, source: str) -> None:
 
 
 # --- writing ---------------------------------------------------------------------------------
-
-_SHORT_ESCAPES = {
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-    '"': '\\"',
-    "\\": "\\\\",
-}
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string for ``value``; unprintable characters become \\u escapes."""
-    out = ['"']
-    for char in value:
-        code = ord(char)
-        if char in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[char])
-        elif 0xD800 <= code <= 0xDFFF:
-            # Not a Unicode scalar value: neither UTF-8 nor TOML can carry it.
-            raise InvalidDefinition(f"cannot write {value!r} as TOML: it contains a lone surrogate")
-        elif char.isprintable() or char == " ":
-            out.append(char)
-        elif code <= 0xFFFF:
-            out.append(f"\\u{code:04X}")
-        else:
-            out.append(f"\\U{code:08X}")
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_bool(value: bool) -> str:
-    return "true" if value else "false"
 
 
 def definition_to_toml(defn: Definition) -> str:
