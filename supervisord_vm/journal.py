@@ -185,15 +185,16 @@ class JournalSocket:
         return True
 
     def _write_backlog(self) -> None:
-        """Hand the backlog over in order, each entry waiting (bounded) for journald."""
+        """Hand the backlog over in order, each entry waiting (bounded) for journald; end with
+        it (the thread and its socket are made again by the next burst, not kept idle)."""
         kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
         with socket.socket(socket.AF_UNIX, kind) as sock:
             sock.settimeout(WRITE_TIMEOUT)
             while True:
                 with self._lock:
-                    while not self._backlog and not self._closed:
-                        self._lock.wait()
-                    if self._closed:
+                    if self._closed or not self._backlog:
+                        if self._writer is threading.current_thread():
+                            self._writer = None  # the next held entry starts a new writer
                         return
                     waiting = self._backlog[0]
                 try:

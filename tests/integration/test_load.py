@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -216,6 +217,15 @@ def fd_count(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
 
+def fd_targets(pid: int) -> dict[str, str]:
+    """What each open fd of `pid` is (a leak report names it: socket, file, anon_inode...)."""
+    found: dict[str, str] = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found[entry.name] = str(entry.readlink())
+    return found
+
+
 @pytest.fixture
 def load_vms(service: None) -> Iterator[None]:
     for name in VMS:
@@ -250,6 +260,7 @@ def test_concurrent_clients_get_answers_and_leave_no_leak(
     daemon = main_pid()
     tasks_before, fds_before = daemon_resources()
     fds_outside_before = fd_count(daemon)
+    targets_before = fd_targets(daemon)
     cursor = journal_cursor()
 
     started = time.monotonic()
@@ -311,9 +322,11 @@ def test_concurrent_clients_get_answers_and_leave_no_leak(
             break
         time.sleep(1)
     if not back:
+        targets_after = fd_targets(daemon)
+        new = {fd: what for fd, what in targets_after.items() if targets_before.get(fd) != what}
         problems.append(
             f"daemon resources: tasks {tasks_before} -> {tasks_after}, fds {fds_before} -> "
-            f"{fds_after} (/proc: {fds_outside_before} -> {fds_outside_after})"
+            f"{fds_after} (/proc: {fds_outside_before} -> {fds_outside_after}; new: {new})"
         )
 
     failures = stats.failures

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,29 @@ def test_a_burst_beyond_journalds_queue_arrives_whole_and_in_order(
     assert [entry["MESSAGE"] for entry in received] == [f"entry {n}" for n in range(burst)]
     assert all(entry["VM_RESULT"] == "denied" for entry in received)
     assert not caplog.records
+
+
+@pytest.mark.usefixtures("sender")
+def test_a_drained_burst_leaves_no_writer_thread_or_socket_behind(
+    journald: socket.socket,
+) -> None:
+    """The backlog's writer and its socket last as long as a burst: a daemon that met one
+    full queue must not hold an extra fd for the rest of its life (the load test counts)."""
+    journal.send("first")
+    _receive(journald)
+    before = _fd_count()
+    for round_ in range(3):
+        for number in range(100):
+            journal.send(f"round {round_} entry {number}")
+        assert journal._journal._backlog, "the burst never filled the queue"
+        for _ in range(100):
+            _receive(journald)
+        assert journal._journal.drain(5.0)
+        deadline = time.monotonic() + 5
+        while journal._journal._writer is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert journal._journal._writer is None
+        assert _fd_count() == before
 
 
 @pytest.mark.usefixtures("sender")
