@@ -305,7 +305,8 @@ class Machine:
             resources = LaunchResources(qmp_socket=socket_path)
             # Where QEMU, unprivileged, may create files itself (removed by runtime.remove).
             await asyncio.to_thread(confinement.qemu_runtime_dir, self.ctx.paths, self.name)
-            owner = OwnerStore(self.ctx.paths.state_dir).get(self.name)
+            # A file read on /var/lib (which may be slow): not on the event loop.
+            owner = await asyncio.to_thread(OwnerStore(self.ctx.paths.state_dir).get, self.name)
             console = self._prepare_console(resources)
             hardware_fds = await hardware.prepare(self.ctx.paths, defn, resources)
             launched = await launch.launch(
